@@ -1,0 +1,3 @@
+"""dsv4_jax: DeepSeek-V4 in JAX/Flax NNX."""
+
+from dsv4_jax.config import ModelConfig
