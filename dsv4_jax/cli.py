@@ -1,0 +1,196 @@
+"""The `dsv4` command line: `dsv4 info` (more subcommands register themselves in SUBCOMMANDS).
+
+  dsv4 info --config flash --context 1048576 [--json]
+  python -m dsv4_jax.cli info --config configs/model_pro.py
+
+`--config` takes a preset name, a checkpoint directory, a config.json, or an ml_collections `.py` file
+(`path.py` or `path.py:arg`, calling `get_config()` / `get_config(arg)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+from dsv4_jax import accounting
+from dsv4_jax.config import PRESETS, RATIO_TO_KIND, ModelConfig
+
+
+# ----- shared helpers (for every subcommand) -------------------------------------------------------------
+def load_config(spec: str, **overrides) -> ModelConfig:
+  """A ModelConfig from a preset name, a checkpoint dir, a config.json or an ml_collections .py file."""
+  if spec in PRESETS:
+    return ModelConfig.preset(spec, **overrides)
+  path, _, arg = spec.partition(":") if ".py:" in spec else (spec, "", "")
+  if path.endswith(".py"):
+    return _config_from_py(path, arg or None, overrides)
+  if os.path.isdir(spec) or spec.endswith(".json"):
+    return ModelConfig.from_hf(spec, **overrides)
+  raise ValueError(f"not a preset ({', '.join(PRESETS)}), a directory, a .json or a .py file")
+
+
+def config_arg(spec: str, **overrides) -> ModelConfig:
+  """load_config for a command-line argument: a bad config exits with a one-line message, no traceback."""
+  try:
+    return load_config(spec, **overrides)
+  except (ValueError, FileNotFoundError) as e:
+    raise SystemExit(f"dsv4: error: --config {spec}: {e}") from None
+
+
+def _config_from_py(path: str, arg: str | None, overrides: dict[str, Any]) -> ModelConfig:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_dsv4_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg is not None else module.get_config()
+  if isinstance(cfg, ModelConfig):
+    return cfg.replace(**overrides)
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return ModelConfig.from_dict(d, **overrides)
+
+
+def human(n: float) -> str:
+  """284332240471 -> '284.3B': four significant digits, at least one decimal."""
+  for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      x = n / scale
+      break
+  else:
+    return str(n)
+  decimals = max(1, 3 - int(math.floor(math.log10(abs(x)))))
+  return f"{x:.{decimals}f}{unit}"
+
+
+def human_bytes(n: float) -> str:
+  """3688172544 -> '3.43 GiB'."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n:.0f} B"
+
+
+def schedule(ratios: tuple[int, ...], start: int = 0) -> str:
+  """Layer types in run-length form, alternations folded: '0-1 swa, 2-41 (csa hca)x20, 42 csa'."""
+  runs: list[list[Any]] = []  # [first, last, kind]
+  for i, r in enumerate(ratios, start):
+    kind = RATIO_TO_KIND[r]
+    if runs and runs[-1][2] == kind:
+      runs[-1][1] = i
+    else:
+      runs.append([i, i, kind])
+  parts, i = [], 0
+  while i < len(runs):
+    a = runs[i]
+    n = 0  # repeats of the single-layer pair (runs[i], runs[i+1])
+    while (i + 2 * n + 1 < len(runs) and all(runs[i + 2 * n + j][0] == runs[i + 2 * n + j][1] for j in (0, 1))
+           and runs[i + 2 * n][2] == a[2] and runs[i + 2 * n + 1][2] == runs[i + 1][2]):
+      n += 1
+    if n >= 2:
+      parts.append(f"{a[0]}-{runs[i + 2 * n - 1][1]} ({a[2]} {runs[i + 1][2]})x{n}")
+      i += 2 * n
+    else:
+      parts.append(f"{a[0]} {a[2]}" if a[0] == a[1] else f"{a[0]}-{a[1]} {a[2]}")
+      i += 1
+  return ", ".join(parts)
+
+
+# ----- dsv4 info -----------------------------------------------------------------------------------------
+def _add_info(sub: argparse._SubParsersAction) -> None:
+  p = sub.add_parser("info", help="layer schedule, parameter counts and KV-cache size of a config")
+  p.add_argument("--config", required=True, help="preset name, checkpoint dir, config.json or ml_collections .py")
+  p.add_argument("--context", type=int, default=None, help="tokens for the KV-cache size (default: max positions)")
+  p.add_argument("--kv-format", choices=accounting.KV_FORMATS, default="fp8",
+                 help="fp8: the 584-byte mixed entries of the release; bf16: all-BF16 (debugging)")
+  p.add_argument("--json", action="store_true", help="print one JSON object")
+  p.set_defaults(func=_run_info)
+
+
+def info(cfg: ModelConfig, context: int | None = None, kv_format: str = "fp8") -> dict[str, Any]:
+  """The facts `dsv4 info` prints, as a JSON-ready dict."""
+  context = context or cfg.max_position_embeddings
+  params, kv = accounting.count_params(cfg), accounting.kv_cache(cfg, context, kv_format)
+  kinds = [RATIO_TO_KIND[r] for r in cfg.main_ratios]
+  return {
+    "schedule": schedule(cfg.main_ratios),
+    "mtp_schedule": schedule(cfg.mtp_ratios, cfg.num_hidden_layers),
+    "layer_counts": {k: kinds.count(k) for k in ("swa", "csa", "hca")},
+    "total_params": params.total,
+    "active_params": params.active,
+    "mtp_params": params.mtp,
+    "mtp_active_params": params.mtp_active,
+    "total_params_with_mtp": params.total + params.mtp,
+    "params_by_component": params.by_component(),
+    "hash_table_entries": params.hash_table,
+    "context": context,
+    "kv_format": kv_format,
+    "kv_entry_bytes": kv.entry_bytes,
+    "indexer_key_bytes": kv.indexer_key_bytes,
+    "kv_bytes_per_token": kv.per_token,
+    "kv_bytes_total": kv.total,
+    "kv_bytes": {"window": kv.window, "compressed": kv.compressed, "indexer": kv.indexer},
+    "compressor_state_bytes": kv.compressor_state,
+    "v32_kv_bytes_total": kv.v32_total,
+    "kv_ratio_vs_v32": kv.ratio_vs_v32,
+    "config_fields": cfg.to_dict(),
+  }
+
+
+def _format_info(name: str, cfg: ModelConfig, r: dict[str, Any]) -> str:
+  counts = ", ".join(f"{n} {k}" for k, n in r["layer_counts"].items() if n)
+  n_hash = cfg.num_hash_layers
+  hash_note = {0: "", 1: "; layer 0 hash-routed"}.get(n_hash, f"; layers 0-{n_hash - 1} hash-routed")
+  lines = [
+    f"DeepSeek-V4 config {name}",
+    f"  shape        {cfg.num_hidden_layers} layers + {cfg.num_nextn_predict_layers} MTP, hidden {cfg.hidden_size},"
+    f" {cfg.num_attention_heads} heads x {cfg.head_dim} (rope {cfg.qk_rope_head_dim}), vocab {cfg.vocab_size:,}",
+    f"  experts      {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}) + {cfg.n_shared_experts} shared,"
+    f" inter {cfg.moe_intermediate_size}{hash_note}",
+    f"  schedule     {r['schedule']}; mtp {r['mtp_schedule']}  ({counts})",
+    f"  checkpoint   weights {cfg.weight_quant or 'unquantized'}, experts {cfg.expert_dtype or 'unquantized'};"
+    f" simulate_quant {cfg.simulate_quant}",
+    f"  params       total {human(r['total_params'])} ({r['total_params']:,}; main model, excl. MTP)",
+    f"               active {human(r['active_params'])} per token (excl. input embedding)",
+    f"               MTP {human(r['mtp_params'])} (excl. shared embedding and head)",
+    f"  kv cache     {r['context']:,} tokens, {r['kv_format']}: {human_bytes(r['kv_bytes_total'])},"
+    f" {r['kv_bytes_per_token']:,.0f} B/token; {100 * r['kv_ratio_vs_v32']:.1f}% of DeepSeek-V3.2"
+    f" ({human_bytes(r['v32_kv_bytes_total'])})",
+  ]
+  return "\n".join(lines)
+
+
+def _run_info(args: argparse.Namespace) -> int:
+  cfg = config_arg(args.config)
+  r = info(cfg, args.context, args.kv_format)
+  if args.json:
+    print(json.dumps({"config": args.config, **r}, indent=2))
+  else:
+    print(_format_info(args.config, cfg, r))
+  return 0
+
+
+# ----- entry point ---------------------------------------------------------------------------------------
+# Each entry adds one subparser and sets `func` (args -> exit code); append new subcommands here.
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in JAX")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for add in SUBCOMMANDS:
+    add(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  return args.func(args)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
