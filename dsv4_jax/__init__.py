@@ -1,3 +1,4 @@
 """dsv4_jax: DeepSeek-V4 in JAX/Flax NNX."""
 
 from dsv4_jax.config import ModelConfig
+from dsv4_jax.model.transformer import DeepSeekV4, ModelOutput

@@ -1,0 +1,1 @@
+"""The DeepSeek-V4 model, one concept per file."""

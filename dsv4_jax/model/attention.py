@@ -1,0 +1,77 @@
+"""Shared-KV multi-query attention (spec §4, §7) for the three layer types.
+
+One 512-dim K=V head for all query heads; one softmax (with a per-head sink) over the sliding window of raw
+tokens plus, in CSA layers, the indexer's top-k compressed entries, or in HCA layers every visible compressed
+entry. Queries are low-rank, per-head RMS-normed without weight; RoPE sits on the last dims and is undone on
+the output at the query position; the output projection is grouped low-rank.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+import pallas_kernels
+from dsv4_jax.model import rope
+from dsv4_jax.model.common import RMSNorm, param, rms_normalize
+from dsv4_jax.model.compressor import Compressor, quant_kv
+from dsv4_jax.model.indexer import Indexer
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, ratio: int, *, rngs: nnx.Rngs):
+    self.cfg, self.ratio = cfg, ratio
+    pdt = jnp.dtype(cfg.param_dtype)
+    d, h, c, g = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.o_groups
+    self.wq_a = param(rngs, (d, cfg.q_lora_rank), ("embed", "q_lora"), pdt)
+    self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.wq_b = param(rngs, (cfg.q_lora_rank, h, c), ("q_lora", "heads", "head_dim"), pdt)
+    self.wkv = param(rngs, (d, c), ("embed", "head_dim"), pdt)
+    self.kv_norm = RMSNorm(c, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.wo_a = param(rngs, (g, h * c // g, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), pdt)
+    self.wo_b = param(rngs, (g, cfg.o_lora_rank, d), ("o_groups", "o_lora", "embed"), pdt,
+                      std=(g * cfg.o_lora_rank) ** -0.5)
+    self.attn_sink = param(rngs, (h,), ("heads",), jnp.float32, std=1.0)
+    self.compressor = Compressor(cfg, ratio, c, for_indexer=False, rngs=rngs) if ratio else None
+    self.indexer = Indexer(cfg, rngs=rngs) if ratio == 4 else None
+
+  def __call__(self, x_BSD, ctx):
+    cfg = self.cfg
+    dt = x_BSD.dtype
+    B, S, _ = x_BSD.shape
+    table = ctx.rope_yarn if self.ratio else ctx.rope_plain
+
+    qr_BSQ = self.q_norm(jnp.einsum("BSD,DQ->BSQ", x_BSD, self.wq_a[...].astype(dt)))
+    q_BSHC = jnp.einsum("BSQ,QHC->BSHC", qr_BSQ, self.wq_b[...].astype(dt))
+    q_BSHC = rope.rotate(rms_normalize(q_BSHC, cfg.rms_norm_eps).astype(dt), table)
+
+    kv_BSC = self.kv_norm(jnp.einsum("BSD,DC->BSC", x_BSD, self.wkv[...].astype(dt)))
+    kv_BSC = rope.rotate(kv_BSC, table)
+    if cfg.simulate_quant:
+      kv_BSC = quant_kv(kv_BSC, cfg)
+    q_BSHC = checkpoint_name(q_BSHC, "attn_q")
+    kv_BSC = checkpoint_name(kv_BSC, "attn_kv")
+
+    indices_BSK = ctx.window_BSW
+    keys_BTC = kv_BSC
+    if self.ratio:
+      layout = ctx.layouts[self.ratio]
+      entries_BNC = self.compressor(x_BSD, ctx.positions_BS, layout).astype(dt)
+      if self.indexer is not None:
+        picked_BSK = self.indexer(x_BSD, qr_BSQ, ctx, offset=S)
+      else:
+        picked_BSK = layout.visible_indices_BSN(ctx.segment_BS, offset=S)
+      indices_BSK = jnp.concatenate([indices_BSK, picked_BSK], axis=-1)
+      keys_BTC = jnp.concatenate([kv_BSC, entries_BNC], axis=1)
+
+    o_BSHC, _ = pallas_kernels.sparse_attention(
+        q_BSHC, keys_BTC, self.attn_sink[...], indices_BSK, scale=cfg.head_dim ** -0.5,
+        implementation=cfg.attention_impl)
+    o_BSHC = checkpoint_name(rope.rotate(o_BSHC, table, inverse=True), "attn_out")
+
+    g = cfg.o_groups
+    o_BSGI = o_BSHC.reshape(B, S, g, -1)
+    z_BSGR = jnp.einsum("BSGI,GIR->BSGR", o_BSGI, self.wo_a[...].astype(dt))
+    return jnp.einsum("BSGR,GRD->BSD", z_BSGR, self.wo_b[...].astype(dt))

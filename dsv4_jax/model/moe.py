@@ -1,0 +1,111 @@
+"""DeepSeekMoE with V4's router (spec §10): sqrt-softplus affinities, a selection-only bias, hash routing in
+the first layers, clamped SwiGLU routed experts (grouped matmul) plus one shared expert."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from dsv4_jax.model.common import Buffer, param
+
+
+def clamped_swiglu(gate, up, limit: float):
+  """silu(min(gate, limit)) · clip(up, ±limit), in float32."""
+  gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
+  if limit > 0:
+    gate = jnp.minimum(gate, limit)
+    up = jnp.clip(up, -limit, limit)
+  return jax.nn.silu(gate) * up
+
+
+class Router(nnx.Module):
+  """Top-k expert choice and combine weights; `hash` layers take the experts from a token-id table."""
+
+  def __init__(self, cfg, *, hash_routed: bool, rngs: nnx.Rngs):
+    self.cfg, self.hash_routed = cfg, hash_routed
+    E, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    self.weight = param(rngs, (cfg.hidden_size, E), ("embed", "experts"), jnp.dtype(cfg.param_dtype))
+    if hash_routed:
+      # A random table of distinct experts per token (the released hash function is not disclosed).
+      noise = jax.random.uniform(rngs.params(), (cfg.vocab_size, E))
+      self.tid2eid = Buffer(jax.lax.top_k(noise, k)[1].astype(jnp.int32), logical_axes=("vocab", None))
+    else:
+      self.bias = Buffer(jnp.zeros((E,), jnp.float32), logical_axes=("experts",))
+
+  def __call__(self, x_TD, tokens_T):
+    """Returns (weights [T, k] float32, experts [T, k] int32, affinities [T, E] float32)."""
+    cfg = self.cfg
+    logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32),
+                           precision="highest")
+    scores_TE = jnp.sqrt(jax.nn.softplus(logits_TE))
+    if self.hash_routed:
+      experts_TK = self.tid2eid[...][tokens_T]
+    else:
+      _, experts_TK = jax.lax.top_k(scores_TE + self.bias[...], cfg.num_experts_per_tok)
+    weights_TK = jnp.take_along_axis(scores_TE, experts_TK, axis=-1)
+    if cfg.norm_topk_prob:
+      weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+    return weights_TK * cfg.routed_scaling_factor, experts_TK.astype(jnp.int32), scores_TE
+
+
+class RoutedExperts(nnx.Module):
+  """E SwiGLU experts applied with a grouped (ragged) matmul over rows sorted by expert."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    E, d, f = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    self.w1 = param(rngs, (E, d, f), ("experts", "embed", "mlp"), pdt, std=d ** -0.5)
+    self.w3 = param(rngs, (E, d, f), ("experts", "embed", "mlp"), pdt, std=d ** -0.5)
+    self.w2 = param(rngs, (E, f, d), ("experts", "mlp", "embed"), pdt, std=f ** -0.5)
+
+  def __call__(self, x_TD, weights_TK, experts_TK):
+    cfg = self.cfg
+    T, D = x_TD.shape
+    dt = x_TD.dtype
+    flat_experts = experts_TK.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    token_of_row = order // experts_TK.shape[1]
+    group_sizes = jnp.bincount(flat_experts, length=cfg.n_routed_experts).astype(jnp.int32)
+    x_RD = x_TD[token_of_row]
+    gate_RF = jax.lax.ragged_dot(x_RD, self.w1[...].astype(dt), group_sizes)
+    up_RF = jax.lax.ragged_dot(x_RD, self.w3[...].astype(dt), group_sizes)
+    h_RF = clamped_swiglu(gate_RF, up_RF, cfg.swiglu_limit) * weights_TK.reshape(-1)[order][:, None]
+    h_RF = checkpoint_name(h_RF.astype(dt), "moe_hidden")
+    y_RD = jax.lax.ragged_dot(h_RF, self.w2[...].astype(dt), group_sizes)
+    return jnp.zeros((T, D), jnp.float32).at[token_of_row].add(y_RD.astype(jnp.float32))
+
+
+class SharedExpert(nnx.Module):
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    d, f = cfg.hidden_size, cfg.moe_intermediate_size
+    self.w1 = param(rngs, (d, f), ("embed", "mlp"), pdt)
+    self.w3 = param(rngs, (d, f), ("embed", "mlp"), pdt)
+    self.w2 = param(rngs, (f, d), ("mlp", "embed"), pdt)
+
+  def __call__(self, x_TD):
+    dt = x_TD.dtype
+    h = clamped_swiglu(x_TD @ self.w1[...].astype(dt), x_TD @ self.w3[...].astype(dt), self.cfg.swiglu_limit)
+    return h.astype(dt) @ self.w2[...].astype(dt)
+
+
+class MoE(nnx.Module):
+
+  def __init__(self, cfg, *, hash_routed: bool, rngs: nnx.Rngs):
+    self.router = Router(cfg, hash_routed=hash_routed, rngs=rngs)
+    self.experts = RoutedExperts(cfg, rngs=rngs)
+    self.shared = SharedExpert(cfg, rngs=rngs) if cfg.n_shared_experts else None
+
+  def __call__(self, x_BSD, tokens_BS):
+    B, S, D = x_BSD.shape
+    x_TD = x_BSD.reshape(B * S, D)
+    weights_TK, experts_TK, _ = self.router(x_TD, tokens_BS.reshape(-1))
+    y_TD = self.experts(x_TD, weights_TK, experts_TK)
+    if self.shared is not None:
+      y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
+    return y_TD.astype(x_BSD.dtype).reshape(B, S, D)

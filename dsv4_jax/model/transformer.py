@@ -1,0 +1,185 @@
+"""DeepSeekV4: embedding → mHC blocks (scanned by layer type) → hc head → norm → float32 head; plus MTP.
+
+Layers are grouped by `layer_plan` into runs of a repeating unit (Flash: 2 hash-routed SWA layers, 1 hash CSA
+layer, then 20 × (HCA, CSA)); each run's parameters are stacked on a leading axis and applied with
+`jax.lax.scan`, so compile time does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4_jax.model.attention import Attention
+from dsv4_jax.model.common import RMSNorm, param
+from dsv4_jax.model.context import make_context
+from dsv4_jax.model.mhc import HyperConnection, HyperHead
+from dsv4_jax.model.moe import MoE
+
+
+class LayerSpec(NamedTuple):
+  ratio: int  # 0 SWA-only, 4 CSA, 128 HCA
+  hash_routed: bool
+
+
+def layer_plan(cfg) -> list[tuple[tuple[LayerSpec, ...], int]]:
+  """Main layers as [(unit, repeats)], each unit a short tuple of layer specs repeated back to back."""
+  specs = [LayerSpec(r, i < cfg.num_hash_layers) for i, r in enumerate(cfg.main_ratios)]
+  if not cfg.scan_layers:
+    return [((s,), 1) for s in specs]
+  plan, i = [], 0
+  while i < len(specs):
+    best_p, best_r = 1, 1
+    for p in range(1, 5):
+      unit = specs[i:i + p]
+      if len(unit) < p:
+        break
+      r = 1
+      while specs[i + r * p:i + (r + 1) * p] == unit:
+        r += 1
+      if r >= 2 and p * r > best_p * best_r:
+        best_p, best_r = p, r
+    plan.append((tuple(specs[i:i + best_p]), best_r))
+    i += best_p * best_r
+  return plan
+
+
+class Block(nnx.Module):
+  """One layer: mHC(attention) then mHC(MoE), each sub-layer pre-normed inside the hyper-connection."""
+
+  def __init__(self, cfg, spec: LayerSpec, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    hc = dict(sinkhorn_iters=cfg.hc_sinkhorn_iters, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps)
+    self.attn_hc = HyperConnection(cfg.hc_mult, cfg.hidden_size, **hc, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.attn = Attention(cfg, spec.ratio, rngs=rngs)
+    self.ffn_hc = HyperConnection(cfg.hc_mult, cfg.hidden_size, **hc, rngs=rngs)
+    self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.ffn = MoE(cfg, hash_routed=spec.hash_routed, rngs=rngs)
+
+  def __call__(self, h_BSND, ctx, tokens_BS):
+    x, post, comb = self.attn_hc.pre(h_BSND)
+    h_BSND = self.attn_hc.post(self.attn(self.attn_norm(x), ctx), h_BSND, post, comb)
+    x, post, comb = self.ffn_hc.pre(h_BSND)
+    return self.ffn_hc.post(self.ffn(self.ffn_norm(x), tokens_BS), h_BSND, post, comb)
+
+
+class Unit(nnx.Module):
+  def __init__(self, cfg, specs, *, rngs: nnx.Rngs):
+    self.blocks = nnx.List([Block(cfg, s, rngs=rngs) for s in specs])
+
+  def __call__(self, h, ctx, tokens_BS):
+    for block in self.blocks:
+      h = block(h, ctx, tokens_BS)
+    return h
+
+
+class LayerStack(nnx.Module):
+  """`repeats` copies of a unit with parameters stacked on axis 0, applied by `jax.lax.scan`."""
+
+  def __init__(self, cfg, specs, repeats: int, *, rngs: nnx.Rngs):
+    self.specs, self.repeats = tuple(specs), repeats
+
+    @nnx.split_rngs(splits=repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(r):
+      return Unit(cfg, specs, rngs=r)
+
+    self.units = create(rngs)
+
+  def __call__(self, h, ctx, tokens_BS, remat_policy=None):
+    graphdef, state = nnx.split(self.units)
+
+    def body(carry, unit_state):
+      return nnx.merge(graphdef, unit_state)(carry, ctx, tokens_BS), None
+
+    if remat_policy is not None:
+      body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
+    h, _ = jax.lax.scan(body, h, state)
+    return h
+
+
+class MTPBlock(nnx.Module):
+  """Multi-token prediction (depth 1): h_t and the embedding of token t+1 → a full block → logits of t+2."""
+
+  def __init__(self, cfg, ratio: int, *, rngs: nnx.Rngs):
+    pdt = jnp.dtype(cfg.param_dtype)
+    d = cfg.hidden_size
+    self.e_proj = param(rngs, (d, d), ("embed", "embed_out"), pdt)
+    self.h_proj = param(rngs, (d, d), ("embed", "embed_out"), pdt)
+    self.enorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.hnorm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.block = Block(cfg, LayerSpec(ratio, False), rngs=rngs)
+    self.hc_head = HyperHead(cfg.hc_mult, d, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps, rngs=rngs)
+    self.norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+
+  def __call__(self, h_BSND, next_embed_BSD, ctx, next_tokens_BS):
+    """Returns (streams after the block, normed features for the shared head)."""
+    dt = h_BSND.dtype
+    e = jnp.einsum("BSD,DE->BSE", self.enorm(next_embed_BSD), self.e_proj[...].astype(dt))
+    x = jnp.einsum("BSND,DE->BSNE", self.hnorm(h_BSND), self.h_proj[...].astype(dt))
+    h_BSND = self.block(e[:, :, None, :] + x, ctx, next_tokens_BS)
+    return h_BSND, self.norm(self.hc_head(h_BSND))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelOutput:
+  logits: jax.Array  # [B, S, V] float32: next-token logits
+  mtp_logits: jax.Array | None  # [B, S, V] float32: position t predicts t+2 from h_t and tokens[t+1]
+  hidden: jax.Array  # [B, S, hc, d] streams after the last main layer
+
+
+class DeepSeekV4(nnx.Module):
+  """The DeepSeek-V4 model. `model(tokens, segment_ids=None, positions=None)` → ModelOutput."""
+
+  def __init__(self, cfg, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    d, V = cfg.hidden_size, cfg.vocab_size
+    self.embed = param(rngs, (V, d), ("vocab", "embed"), pdt, std=1.0)
+    self.plan = tuple(layer_plan(cfg))
+    self.stacks = nnx.List([LayerStack(cfg, unit, r, rngs=rngs) for unit, r in self.plan])
+    self.hc_head = HyperHead(cfg.hc_mult, d, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps, rngs=rngs)
+    self.norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
+    self.head = param(rngs, (d, V), ("embed", "vocab"), pdt)
+    self.mtp = nnx.List([MTPBlock(cfg, r, rngs=rngs) for r in cfg.mtp_ratios])
+
+  def layer_location(self, layer: int) -> tuple[int, int, int]:
+    """(stack, repeat, position in unit) of main layer `layer` in the scanned parameter tree."""
+    start = 0
+    for s, (unit, repeats) in enumerate(self.plan):
+      n = len(unit) * repeats
+      if layer < start + n:
+        rep, pos = divmod(layer - start, len(unit))
+        return s, rep, pos
+      start += n
+    raise IndexError(f"layer {layer} out of range (model has {start} main layers)")
+
+  def logits(self, features_BSD):
+    return jnp.einsum("BSD,DV->BSV", features_BSD.astype(jnp.float32), self.head[...].astype(jnp.float32),
+                      precision="highest")
+
+  def __call__(self, tokens, segment_ids=None, positions=None, *, with_mtp: bool = True, remat_policy=None):
+    cfg = self.cfg
+    tokens_BS = jnp.asarray(tokens, jnp.int32)
+    if tokens_BS.ndim != 2:
+      raise ValueError(f"tokens must be [batch, seq] int32, got shape {tokens_BS.shape}")
+    ctx = make_context(cfg, tokens_BS, segment_ids, positions)
+    dt = jnp.dtype(cfg.dtype)
+    embed_VD = self.embed[...]
+    x_BSD = embed_VD[tokens_BS].astype(dt)
+    h = jnp.broadcast_to(x_BSD[:, :, None, :], x_BSD.shape[:2] + (cfg.hc_mult, cfg.hidden_size))
+    for stack in self.stacks:
+      h = stack(h, ctx, tokens_BS, remat_policy)
+    logits = self.logits(self.norm(self.hc_head(h)))
+    mtp_logits = None
+    if with_mtp and len(self.mtp):
+      next_BS = jnp.concatenate([tokens_BS[:, 1:], jnp.zeros_like(tokens_BS[:, :1])], axis=1)
+      _, feats = self.mtp[0](h, embed_VD[next_BS].astype(dt), ctx, next_BS)
+      mtp_logits = self.logits(feats)
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h)

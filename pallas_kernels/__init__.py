@@ -1,0 +1,9 @@
+"""Pallas kernels for DeepSeek-V4's sparse attention path. Imports nothing from dsv4_jax.
+
+Each op has a pure-JAX reference (the definition and the fallback) and backend kernels selected per call with
+`implementation="auto" | "reference" | "tpu" | "gpu"`.
+"""
+
+from pallas_kernels.sparse_attention import sparse_attention
+
+__all__ = ["sparse_attention"]

@@ -1,0 +1,29 @@
+"""`sparse_attention(q, kv, sink, indices, *, scale, implementation)`: the op's single entry point."""
+
+from __future__ import annotations
+
+from pallas_kernels.sparse_attention.reference import sparse_attention_reference
+
+_IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
+
+
+def sparse_attention(q, kv, sink, indices, *, scale: float, implementation: str = "auto"):
+  """Softmax over the keys each query selected (plus a per-head sink) of one shared K=V head.
+
+  q [B,S,H,D], kv [B,T,D], sink [H] float32, indices [B,S,K] int32 (-1 = none).
+  Returns (out [B,S,H,D] in q's dtype, lse [B,S,H] float32 including the sink).
+  """
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
+  if q.ndim != 4 or kv.ndim != 3 or indices.ndim != 3:
+    raise ValueError(f"expected q [B,S,H,D], kv [B,T,D], indices [B,S,K]; got q{q.shape} kv{kv.shape} "
+                     f"indices{indices.shape}")
+  if q.shape[-1] != kv.shape[-1] or q.shape[:2] != indices.shape[:2] or q.shape[0] != kv.shape[0]:
+    raise ValueError(f"shape mismatch: q{q.shape} kv{kv.shape} indices{indices.shape}")
+  if sink.shape != (q.shape[2],):
+    raise ValueError(f"sink must be [H={q.shape[2]}], got {sink.shape}")
+  if implementation in ("tpu", "gpu"):
+    raise NotImplementedError(
+        f"the {implementation!r} sparse-attention kernel is not built yet; use implementation='reference'")
+  # "auto" resolves to the reference until the backend kernels land.
+  return sparse_attention_reference(q, kv, sink, indices, scale=scale)
