@@ -1,0 +1,92 @@
+"""Tests for dsv4_jax.cli: `dsv4 info` in-process and as `python -m dsv4_jax.cli`."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dsv4_jax import cli
+from dsv4_jax.config import ModelConfig
+
+ROOT = pathlib.Path(__file__).parent.parent
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+def run_json(capsys, *argv) -> dict:
+  assert cli.main(["info", *argv, "--json"]) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def check_flash(r: dict) -> None:
+  assert r["context"] == 1048576
+  assert round(r["total_params"] / 1e9, 1) == 284.3
+  assert round(r["active_params"] / 1e9, 2) == 13.27
+  assert round(r["mtp_params"] / 1e9, 1) == 6.6
+  assert round(100 * r["kv_ratio_vs_v32"], 1) == 7.3
+  assert r["kv_bytes_total"] == pytest.approx(r["kv_bytes_per_token"] * r["context"])
+  assert r["schedule"] == "0-1 swa, 2-41 (csa hca)x20, 42 csa" and r["mtp_schedule"] == "43 swa"
+  assert r["layer_counts"] == {"swa": 2, "csa": 21, "hca": 20}
+
+
+def test_info_json_flash_in_process(capsys):
+  check_flash(run_json(capsys, "--config", "flash", "--context", "1048576"))
+
+
+def test_info_json_via_python_m():
+  out = subprocess.run([sys.executable, "-m", "dsv4_jax.cli", "info", "--config", "flash", "--context", "1048576",
+                        "--json"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+  check_flash(json.loads(out))
+
+
+def test_info_json_pro_from_hf_file_and_py_config(capsys):
+  a = run_json(capsys, "--config", str(DATA / "pro_config.json"))
+  b = run_json(capsys, "--config", str(ROOT / "configs" / "model_pro.py"), "--context", "1048576")
+  for r in (a, b):
+    assert r["context"] == 1048576  # default: max_position_embeddings
+    assert round(r["total_params"] / 1e9, 1) == 1573.0
+    assert round(r["active_params"] / 1e9, 2) == 48.85
+    assert round(r["mtp_params"] / 1e9, 1) == 25.8
+    assert round(100 * r["kv_ratio_vs_v32"], 1) == 10.5
+  assert {k: v for k, v in a.items() if k != "config"} == {k: v for k, v in b.items() if k != "config"}
+
+
+def test_info_checkpoint_dir(capsys, tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
+  r = run_json(capsys, "--config", str(tmp_path))
+  assert r["config_fields"] == ModelConfig.preset("tiny").to_dict()
+
+
+@pytest.mark.parametrize("name", ["flash", "pro", "flash_base", "pro_base", "tiny"])
+def test_config_files_match_presets(name):
+  assert cli.load_config(str(ROOT / "configs" / f"model_{name}.py")) == ModelConfig.preset(name.replace("_", "-"))
+
+
+def test_info_human_output(capsys):
+  assert cli.main(["info", "--config", "pro", "--context", "1048576"]) == 0
+  out = capsys.readouterr().out
+  for s in ("1573.0B", "48.85B", "25.84B", "10.5%", "0-1 hca, 2-59 (csa hca)x29, 60 csa", "mtp 61 swa", "4.92 GiB"):
+    assert s in out
+
+
+def test_info_bf16_kv(capsys):
+  r = run_json(capsys, "--config", "pro", "--kv-format", "bf16")
+  assert r["kv_entry_bytes"] == 1024 and 9 * 2**30 < r["kv_bytes_total"] < 10 * 2**30
+
+
+def test_bad_config_exits_with_message(capsys):
+  with pytest.raises(SystemExit, match="not a preset .*flash, pro"):
+    cli.main(["info", "--config", "nonsense"])
+  with pytest.raises(SystemExit, match="no config file"):
+    cli.main(["info", "--config", "missing.json"])
+
+
+def test_schedule_and_human():
+  assert cli.schedule((0, 4, 128, 4, 0)) == "0 swa, 1 csa, 2 hca, 3 csa, 4 swa"
+  assert cli.schedule((128, 128, 4, 128, 4, 128, 4), 0) == "0-1 hca, 2-5 (csa hca)x2, 6 csa"
+  assert cli.schedule((0,), 43) == "43 swa"
+  assert cli.human(284_332_240_471) == "284.3B" and cli.human(13_270_101_591) == "13.27B"
+  assert cli.human(1_572_997_201_763) == "1573.0B" and cli.human(680_389) == "680.4K"
