@@ -341,11 +341,12 @@ _MESH_SCRIPT = textwrap.dedent("""
   import jax
   from flax import nnx
   from dsv4_jax.sharding import make_mesh, state_shardings
-  from dsv4_jax.weights import load_pretrained
+  from dsv4_jax.safetensors_io import CheckpointFiles
+  from dsv4_jax.weights import load_pretrained, save_pretrained
 
   assert jax.device_count() == 8, jax.devices()
   mesh = make_mesh(data=1, fsdp=2, expert=2, tensor=2)
-  model, _ = load_pretrained(sys.argv[1], dtype="float32", mesh=mesh, progress=False)
+  model, cfg = load_pretrained(sys.argv[1], dtype="float32", mesh=mesh, progress=False)
   plain, _ = load_pretrained(sys.argv[1], dtype="float32", progress=False)
   state = nnx.state(model)
   want = dict(nnx.to_flat_state(state_shardings(state, mesh)))
@@ -357,12 +358,18 @@ _MESH_SCRIPT = textwrap.dedent("""
     assert np.array_equal(np.asarray(x), np.asarray(ref[path].get_value())), path
     sharded += not x.sharding.is_fully_replicated
   assert sharded > 50, sharded
+  out = sys.argv[2] + "/resaved"
+  save_pretrained(model, cfg, out, progress=False)  # gathers the shards back
+  ours, theirs = CheckpointFiles(out), CheckpointFiles(sys.argv[1])
+  assert set(ours.infos) == set(theirs.infos)
+  for name in theirs.infos:
+    assert np.array_equal(ours.get(name), theirs.get(name)), name
   print("ok", sharded)
 """)
 
 
-def test_load_onto_an_8_device_mesh(ckpt):
+def test_load_onto_an_8_device_mesh_and_save_back(ckpt, tmp_path):
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, ckpt], env=env, capture_output=True, text=True,
+  r = subprocess.run([sys.executable, "-c", _MESH_SCRIPT, ckpt, str(tmp_path)], env=env, capture_output=True, text=True,
                      timeout=300)
   assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
