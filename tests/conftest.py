@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import types
+
+# CPU tests. The dev extra installs libtpu (for ahead-of-time TPU compiles), which otherwise probes for a TPU
+# at start-up and logs errors on machines without one.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
 import jax.numpy as jnp
