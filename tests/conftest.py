@@ -79,7 +79,7 @@ def cached_model(cfg: ModelConfig, seed: int = 0) -> DeepSeekV4:
 
 @pytest.fixture(scope="session")
 def tiny_cfg() -> ModelConfig:
-  return tiny()
+  return ModelConfig.preset("tiny")
 
 
 @pytest.fixture(scope="session")
