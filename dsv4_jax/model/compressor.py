@@ -43,7 +43,7 @@ class Compressor(nnx.Module):
     cur_score = gather(score_BSC, jnp.maximum(rows_NM, 0))
     if self.overlap:
       prev_rows = jnp.maximum(rows_NM - m, 0)
-      has_prev = (layout.block_BN >= 1)[:, :, None, None]
+      has_prev = layout.has_prev_BN[:, :, None, None]
       prev_kv = jnp.where(has_prev, gather(kv_BSC, prev_rows)[..., :c], 0.0)
       prev_score = jnp.where(has_prev, gather(score_BSC, prev_rows)[..., :c], -jnp.inf)
       kv_BNRC = jnp.concatenate([prev_kv, cur_kv[..., c:]], axis=2)

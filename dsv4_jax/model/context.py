@@ -26,6 +26,7 @@ class BlockLayout:
   valid_BN: jax.Array  # bool
   block_BN: jax.Array  # int32 block index inside its document (RoPE position = block · m)
   segment_BN: jax.Array  # int32 document id
+  has_prev_BN: jax.Array  # bool: the previous block's m tokens are in this sequence and document (CSA overlap)
 
   def visible_BCN(self, t_C, segment_BC):
     """Slot k is visible to query t iff it is complete by t and in t's document: i < floor((pos_t+1)/m)."""
@@ -74,15 +75,28 @@ def window_indices(segment_BS, window: int):
 
 
 def block_layout(positions_BS, segment_BS, ratio: int) -> BlockLayout:
+  """Slots for the blocks whose m tokens all lie in this sequence and in one document.
+
+  Positions need not start at 0 (a document continued from an earlier chunk): a block whose first tokens are
+  not in the sequence is not emitted, and an overlap with a previous block that is not here is masked.
+  """
   S = positions_BS.shape[1]
   n = S // ratio
-  is_end_BS = (positions_BS % ratio) == ratio - 1
+  t_S = jnp.arange(S, dtype=jnp.int32)
+
+  def same_doc_back(steps):  # token t - steps exists and is in t's document
+    back_S = t_S - steps
+    seg_back = jnp.take_along_axis(segment_BS, jnp.maximum(back_S, 0)[None].repeat(segment_BS.shape[0], 0), 1)
+    return (back_S >= 0)[None] & (seg_back == segment_BS)
+
+  is_end_BS = ((positions_BS % ratio) == ratio - 1) & same_doc_back(ratio - 1)
   end_BN = jax.vmap(lambda e: jnp.nonzero(e, size=n, fill_value=-1)[0])(is_end_BS).astype(jnp.int32)
   valid_BN = end_BN >= 0
   safe_BN = jnp.maximum(end_BN, 0)
   block_BN = jnp.take_along_axis(positions_BS, safe_BN, axis=1) // ratio
   segment_BN = jnp.take_along_axis(segment_BS, safe_BN, axis=1)
-  return BlockLayout(end_BN, valid_BN, block_BN.astype(jnp.int32), segment_BN)
+  has_prev_BN = jnp.take_along_axis(same_doc_back(2 * ratio - 1), safe_BN, axis=1) & (block_BN >= 1)
+  return BlockLayout(end_BN, valid_BN, block_BN.astype(jnp.int32), segment_BN, has_prev_BN)
 
 
 def make_context(cfg, tokens_BS, segment_ids=None, positions=None) -> ForwardContext:
