@@ -8,8 +8,13 @@ initializers (about 10 s per model on 2 CPU cores), and non-trivial values where
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import pathlib
+import subprocess
+import sys
+import tempfile
 import types
 
 # CPU tests. The dev extra installs libtpu (for ahead-of-time TPU compiles), which otherwise probes for a TPU
@@ -156,3 +161,40 @@ def np_ref():
   """The numpy references above, as one namespace."""
   return types.SimpleNamespace(rope_freqs=rope_freqs_np, layer_freqs=layer_freqs_np, rotate=rotate_np,
                                rms_norm=rms_norm_np, softmax=softmax_np)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The 8-device sharded forward (tests/test_sharding.py) runs in its own process, started as soon as the tests are
+# collected so that it compiles on the second core while the other tests run.
+_SHARDED = pytest.StashKey[tuple]()
+
+
+def _start_sharded_check():
+  script = pathlib.Path(__file__).with_name("sharded_forward_check.py")
+  out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+  proc = subprocess.Popen([sys.executable, str(script)], stdout=out, stderr=err, text=True,
+                          env={**os.environ, "XLA_FLAGS": ""})
+  return proc, out, err
+
+
+def pytest_collection_modifyitems(config, items):
+  if any("sharded_report" in getattr(item, "fixturenames", ()) for item in items):
+    config.stash[_SHARDED] = _start_sharded_check()
+
+
+def pytest_unconfigure(config):
+  started = config.stash.get(_SHARDED, None)
+  if started is not None and started[0].poll() is None:
+    started[0].kill()
+
+
+@pytest.fixture(scope="session")
+def sharded_report(request):
+  """The JSON report of tests/sharded_forward_check.py."""
+  started = request.config.stash.get(_SHARDED, None) or _start_sharded_check()
+  proc, out, err = started
+  proc.wait(timeout=600)
+  out.seek(0)
+  err.seek(0)
+  assert proc.returncode == 0, err.read()[-3000:]
+  return json.loads(out.read().strip().splitlines()[-1])
