@@ -177,7 +177,10 @@ def _start_sharded_check():
   return proc, out, err
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection
 def pytest_collection_modifyitems(config, items):
+  if hasattr(config, "workerinput"):
+    return  # a pytest-xdist worker: start on demand, only in the worker that runs the test
   if any("sharded_report" in getattr(item, "fixturenames", ()) for item in items):
     config.stash[_SHARDED] = _start_sharded_check()
 
