@@ -39,14 +39,14 @@ def mixes_np(h, fn, norm_eps):
   return (xf @ np.asarray(fn, np.float64).T) * rsqrt
 
 
-def hc_pre_np(h, fn, scale, base, iters=20):
+def hc_pre_np(h, fn, scale, base, iters=20, eps=EPS):
   """Spec §3.2, rows of fn/base ordered [pre(n), post(n), comb(n·n)]."""
   n = h.shape[2]
   mixes = mixes_np(h, fn, NORM_EPS)
-  pre = sigmoid_np(mixes[..., :n] * scale[0] + base[:n]) + EPS
+  pre = sigmoid_np(mixes[..., :n] * scale[0] + base[:n]) + eps
   post = 2 * sigmoid_np(mixes[..., n:2 * n] * scale[1] + base[n:2 * n])
   comb_logits = (mixes[..., 2 * n:] * scale[2] + base[2 * n:]).reshape(mixes.shape[:2] + (n, n))
-  comb = sinkhorn_np(comb_logits, iters, EPS)
+  comb = sinkhorn_np(comb_logits, iters, eps)
   x = np.einsum("bsn,bsnd->bsd", pre, h)
   return x, post, comb
 
@@ -112,6 +112,17 @@ def test_pre_matches_reference(hc):
   np.testing.assert_allclose(np.asarray(comb), want_comb, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(x), want_x, rtol=1e-5, atol=1e-5)
   assert x.dtype == jnp.float32 and x.shape == (2, 5, D)
+
+
+def test_eps_placement():
+  """A large hc_eps makes every +eps visible: on pre, after the row softmax, in each normalization."""
+  big = mhc.HyperConnection(N, D, sinkhorn_iters=3, hc_eps=0.25, norm_eps=NORM_EPS, rngs=nnx.Rngs(1))
+  big.base[...] = jnp.asarray(np.random.default_rng(9).standard_normal(big.base.shape), jnp.float32)
+  h = _streams(10)
+  x, post, comb = big.pre(jnp.asarray(h))
+  want = hc_pre_np(h, big.fn[...], np.asarray(big.scale[...]), np.asarray(big.base[...]), iters=3, eps=0.25)
+  for got, ref in zip((x, post, comb), want):
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_post_matches_reference(hc):
