@@ -30,7 +30,8 @@ class Attention(nnx.Module):
     self.wq_b = param(rngs, (cfg.q_lora_rank, h, c), ("q_lora", "heads", "head_dim"), pdt)
     self.wkv = param(rngs, (d, c), ("embed", "head_dim"), pdt)
     self.kv_norm = RMSNorm(c, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
-    self.wo_a = param(rngs, (g, h * c // g, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), pdt)
+    self.wo_a = param(rngs, (g, h * c // g, cfg.o_lora_rank), ("o_groups", "o_group_in", "o_lora"), pdt,
+                      std=(h * c // g) ** -0.5)
     self.wo_b = param(rngs, (g, cfg.o_lora_rank, d), ("o_groups", "o_lora", "embed"), pdt,
                       std=(g * cfg.o_lora_rank) ** -0.5)
     self.attn_sink = param(rngs, (h,), ("heads",), jnp.float32, std=1.0)
