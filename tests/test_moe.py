@@ -123,7 +123,7 @@ def test_routed_experts_match_per_token_loop(layer):
 def test_moe_is_routed_plus_shared(layer):
   B, S = 2, 12
   x = X.reshape(B, S, D)
-  got = np.asarray(nnx.jit(lambda m, x, t: m(x, t))(layer, jnp.asarray(x), jnp.asarray(TOKENS.reshape(B, S))))
+  got = np.asarray(nnx.jit(lambda m, x, t: m(x, t)[0])(layer, jnp.asarray(x), jnp.asarray(TOKENS.reshape(B, S))))
   weights, experts, _ = layer.router(jnp.asarray(X), jnp.asarray(TOKENS))
   routed = routed_np(X.astype(np.float64), np.asarray(weights, np.float64), np.asarray(experts), layer.experts)
   sh = layer.shared

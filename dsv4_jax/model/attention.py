@@ -8,6 +8,7 @@ the output at the query position; the output projection is grouped low-rank.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
@@ -57,22 +58,55 @@ class Attention(nnx.Module):
 
     indices_BSK = ctx.window_BSW
     keys_BTC = kv_BSC
+    picked_BSK = scores_BSK = None
     if self.ratio:
       layout = ctx.layouts[self.ratio]
       entries_BNC = self.compressor(x_BSD, ctx.positions_BS, layout).astype(dt)
-      if self.indexer is not None:
-        picked_BSK = self.indexer(x_BSD, qr_BSQ, ctx, offset=S)
-      else:
-        picked_BSK = layout.visible_indices_BSN(ctx.segment_BS, offset=S)
+      picked_BSK, scores_BSK = self.pick_entries(x_BSD, qr_BSQ, ctx, entries_BNC.shape[1], offset=S)
       indices_BSK = jnp.concatenate([indices_BSK, picked_BSK], axis=-1)
       keys_BTC = jnp.concatenate([kv_BSC, entries_BNC], axis=1)
 
-    o_BSHC, _ = pallas_kernels.sparse_attention(
+    o_BSHC, lse_BSH = pallas_kernels.sparse_attention(
         q_BSHC, keys_BTC, self.attn_sink[...], indices_BSK, scale=cfg.head_dim ** -0.5,
         implementation=cfg.attention_impl)
+    aux = {}
+    if scores_BSK is not None and ctx.opts.indexer_loss:
+      aux["indexer_kl"] = indexer_kl(q_BSHC, entries_BNC, lse_BSH, picked_BSK - S, scores_BSK,
+                                     cfg.head_dim ** -0.5)
     o_BSHC = checkpoint_name(rope.rotate(o_BSHC, table, inverse=True), "attn_out")
 
     g = cfg.o_groups
     o_BSGI = o_BSHC.reshape(B, S, g, -1)
     z_BSGR = jnp.einsum("BSGI,GIR->BSGR", o_BSGI, self.wo_a[...].astype(dt))
-    return jnp.einsum("BSGR,GRD->BSD", z_BSGR, self.wo_b[...].astype(dt))
+    return jnp.einsum("BSGR,GRD->BSD", z_BSGR, self.wo_b[...].astype(dt)), aux
+
+  def pick_entries(self, x_BSD, qr_BSQ, ctx, n_entries: int, offset: int):
+    """Compressed entries each query attends (+offset, -1 = none) and, where the indexer chose them, their
+    index scores (else None). HCA and the dense stage take every visible entry."""
+    layout = ctx.layouts[self.ratio]
+    if self.indexer is None or (ctx.opts.attention == "dense" and not ctx.opts.indexer_loss):
+      return layout.visible_indices_BSN(ctx.segment_BS, offset=offset), None
+    topk = n_entries if ctx.opts.attention == "dense" else None
+    return self.indexer.select(x_BSD, qr_BSQ, ctx, offset, topk=topk)
+
+
+def indexer_kl(q_BSHC, entries_BNC, lse_BSH, picked_BSK, scores_BSK, scale: float):
+  """Mean over queries of KL(p ‖ softmax(index scores)) on the picked entries (-1 = none).
+
+  p = the main attention's probability mass on each picked compressed entry, summed over heads and
+  L1-normalised (the V3.2 indexer target); it is a constant here, so the KL trains only the indexer.
+  """
+  q_BSHC, entries_BNC, lse_BSH = (jax.lax.stop_gradient(a) for a in (q_BSHC, entries_BNC, lse_BSH))
+  valid_BSK = picked_BSK >= 0
+  logits_BSHN = jnp.einsum("BSHC,BNC->BSHN", q_BSHC, entries_BNC, preferred_element_type=jnp.float32,
+                           precision="highest") * scale
+  safe_BSK = jnp.where(valid_BSK, picked_BSK, 0)
+  logits_BSHK = jnp.take_along_axis(logits_BSHN, safe_BSK[:, :, None, :], axis=-1)
+  p_BSHK = jnp.where(valid_BSK[:, :, None, :], jnp.exp(logits_BSHK - lse_BSH[..., None]), 0.0)
+  mass_BSK = jnp.sum(p_BSHK, axis=2)
+  target_BSK = mass_BSK / jnp.maximum(jnp.sum(mass_BSK, axis=-1, keepdims=True), 1e-30)
+  logq_BSK = jax.nn.log_softmax(jnp.where(valid_BSK, scores_BSK, -jnp.inf), axis=-1)
+  terms_BSK = jnp.where(valid_BSK & (target_BSK > 0),
+                        target_BSK * (jnp.log(jnp.maximum(target_BSK, 1e-30)) - logq_BSK), 0.0)
+  has_BS = jnp.any(valid_BSK, axis=-1)
+  return jnp.sum(jnp.where(has_BS, jnp.sum(terms_BSK, axis=-1), 0.0)) / jnp.maximum(jnp.sum(has_BS), 1)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.model import rope
+from dsv4_jax.model.options import INFERENCE, ForwardOptions
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +52,7 @@ class ForwardContext:
   rope_yarn: tuple  # (cos, sin) [B, S, R/2] for CSA/HCA layers
   window_BSW: jax.Array  # int32 raw-token indices of the sliding window, -1 = none
   layouts: dict  # ratio -> BlockLayout
+  opts: ForwardOptions = dataclasses.field(default=INFERENCE, metadata=dict(static=True))
 
 
 def document_positions(segment_BS):
@@ -99,7 +101,8 @@ def block_layout(positions_BS, segment_BS, ratio: int) -> BlockLayout:
   return BlockLayout(end_BN, valid_BN, block_BN.astype(jnp.int32), segment_BN, has_prev_BN)
 
 
-def make_context(cfg, tokens_BS, segment_ids=None, positions=None) -> ForwardContext:
+def make_context(cfg, tokens_BS, segment_ids=None, positions=None, opts: ForwardOptions = INFERENCE
+                 ) -> ForwardContext:
   B, S = tokens_BS.shape
   if segment_ids is None:
     segment_BS = jnp.zeros((B, S), jnp.int32)
@@ -118,4 +121,5 @@ def make_context(cfg, tokens_BS, segment_ids=None, positions=None) -> ForwardCon
       rope_yarn=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=True)),
       window_BSW=window_indices(segment_BS, cfg.sliding_window),
       layouts={r: block_layout(positions_BS, segment_BS, r) for r in ratios},
+      opts=opts,
   )

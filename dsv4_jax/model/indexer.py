@@ -37,14 +37,24 @@ class Indexer(nnx.Module):
 
   def __call__(self, x_BSD, qr_BSQ, ctx, offset: int):
     """Top-k entry indices [B, S, k] (+offset; -1 where fewer than k entries are visible)."""
+    return self.select(x_BSD, qr_BSQ, ctx, offset)[0]
+
+  def select(self, x_BSD, qr_BSQ, ctx, offset: int, topk: int | None = None):
+    """(indices [B, S, k] as in __call__, their index scores [B, S, k] float32, -inf where index is -1).
+
+    `topk` overrides cfg.index_topk (the dense stage takes every entry); with
+    `ctx.opts.detach_indexer_input` the indexer's inputs are stop-gradient (sparse-stage indexer training).
+    """
     cfg = self.cfg
+    if ctx.opts.detach_indexer_input:
+      x_BSD, qr_BSQ = jax.lax.stop_gradient(x_BSD), jax.lax.stop_gradient(qr_BSQ)
     layout = ctx.layouts[4]
     q_BSHC = self.queries(qr_BSQ, ctx)
     k_BNC = self.compressor(x_BSD, ctx.positions_BS, layout)
     scale = cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5
     w_BSH = jnp.einsum("BSD,DH->BSH", x_BSD, self.weights_proj[...].astype(x_BSD.dtype)) * scale
-    return select_topk(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, min(cfg.index_topk, k_BNC.shape[1]),
-                       offset)
+    k = min(cfg.index_topk if topk is None else topk, k_BNC.shape[1])
+    return select_topk_with_scores(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, k, offset)
 
 
 def index_scores(q_BCHK, k_BNK, w_BCH):
@@ -55,17 +65,28 @@ def index_scores(q_BCHK, k_BNK, w_BCH):
 
 
 def select_topk(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int):
+  """Top-k visible entry indices per query [B, S, topk] (+offset, -1 where fewer are visible)."""
+  return select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk, offset)[0]
+
+
+def select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int):
+  """(indices as select_topk, the selected entries' index scores [B, S, topk] float32, -inf where -1).
+
+  The scores are differentiable in q, k and w; each chunk is rematerialised in the backward pass.
+  """
   B, S, H, _ = q_BSHK.shape
   N = k_BNK.shape[1]
   if N == 0 or topk == 0:
-    return jnp.full((B, S, 0), -1, jnp.int32)
+    return jnp.full((B, S, 0), -1, jnp.int32), jnp.zeros((B, S, 0), jnp.float32)
 
+  @jax.checkpoint
   def chunk(q, w, t_C, seg_BC):
     vis = layout.visible_BCN(t_C, seg_BC)
     scores = jnp.where(vis, index_scores(q, k_BNK, w), -jnp.inf)
-    _, idx = jax.lax.top_k(scores, topk)
+    top, idx = jax.lax.top_k(scores, topk)
     chosen_visible = jnp.take_along_axis(vis, idx, axis=-1)
-    return jnp.where(chosen_visible, idx + offset, -1).astype(jnp.int32)
+    return (jnp.where(chosen_visible, idx + offset, -1).astype(jnp.int32),
+            jnp.where(chosen_visible, top, -jnp.inf))
 
   size = max(1, min(S, _SCORE_BUDGET // max(1, B * H * N)))
   t_S = jnp.arange(S, dtype=jnp.int32)
@@ -79,5 +100,6 @@ def select_topk(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int
     return a.reshape((B, n, size) + a.shape[2:]).swapaxes(0, 1)
 
   t_NC = jnp.arange(n * size, dtype=jnp.int32).reshape(n, size)
-  out = jax.lax.map(lambda args: chunk(*args), (split(q_BSHK), split(w_BSH), t_NC, split(segment_BS)))
-  return out.swapaxes(0, 1).reshape(B, n * size, topk)[:, :S]
+  idx, top = jax.lax.map(lambda args: chunk(*args), (split(q_BSHK), split(w_BSH), t_NC, split(segment_BS)))
+  merge = lambda a: a.swapaxes(0, 1).reshape(B, n * size, topk)[:, :S]
+  return merge(idx), merge(top)

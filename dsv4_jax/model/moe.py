@@ -34,13 +34,19 @@ class Router(nnx.Module):
     else:
       self.bias = Buffer(jnp.zeros((E,), jnp.float32), logical_axes=("experts",))
 
-  def __call__(self, x_TD, tokens_T):
-    """Returns (weights [T, k] float32, experts [T, k] int32, affinities [T, E] float32)."""
+  def __call__(self, x_TD, tokens_T, experts_TK=None):
+    """Returns (weights [T, k] float32, experts [T, k] int32, affinities [T, E] float32).
+
+    `experts_TK` (anticipatory routing) replaces the top-k choice; the combine weights still come from the
+    current affinities at those experts.
+    """
     cfg = self.cfg
     logits_TE = jnp.einsum("TD,DE->TE", x_TD.astype(jnp.float32), self.weight[...].astype(jnp.float32),
                            precision="highest")
     scores_TE = jnp.sqrt(jax.nn.softplus(logits_TE))
-    if self.hash_routed:
+    if experts_TK is not None:
+      experts_TK = jax.lax.stop_gradient(experts_TK)
+    elif self.hash_routed:
       experts_TK = self.tid2eid[...][tokens_T]
     else:
       _, experts_TK = jax.lax.top_k(scores_TE + self.bias[...], cfg.num_experts_per_tok)
@@ -48,6 +54,21 @@ class Router(nnx.Module):
     if cfg.norm_topk_prob:
       weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
     return weights_TK * cfg.routed_scaling_factor, experts_TK.astype(jnp.int32), scores_TE
+
+
+def router_stats(scores_BSE, experts_BSK, n_experts: int):
+  """(expert load [E]: routed-token counts over the batch; sequence-wise balance loss, mean over sequences).
+
+  Balance loss per sequence (DeepSeek-V3 form, spec §10): Σ_i f_i · P_i with f_i = E/(k·S) · #tokens routed to
+  i and P_i = mean over tokens of the affinities normalised over experts. The caller applies the weight.
+  """
+  B, S, K = experts_BSK.shape
+  onehot_BSE = jnp.sum(jax.nn.one_hot(experts_BSK, n_experts, dtype=jnp.float32), axis=2)
+  load_E = jnp.sum(onehot_BSE, axis=(0, 1))
+  f_BE = jnp.sum(onehot_BSE, axis=1) * (n_experts / (K * S))
+  p_BE = jnp.mean(scores_BSE / jnp.sum(scores_BSE, axis=-1, keepdims=True), axis=1)
+  balance = jnp.mean(jnp.sum(jax.lax.stop_gradient(f_BE) * p_BE, axis=-1))
+  return load_E, balance
 
 
 class RoutedExperts(nnx.Module):
@@ -101,11 +122,19 @@ class MoE(nnx.Module):
     self.experts = RoutedExperts(cfg, rngs=rngs)
     self.shared = SharedExpert(cfg, rngs=rngs) if cfg.n_shared_experts else None
 
-  def __call__(self, x_BSD, tokens_BS):
+  def __call__(self, x_BSD, tokens_BS, experts_BSK=None, *, collect_aux: bool = False):
+    """(output [B, S, D], aux): aux holds `load`, `balance` and `experts` when collect_aux."""
     B, S, D = x_BSD.shape
     x_TD = x_BSD.reshape(B * S, D)
-    weights_TK, experts_TK, _ = self.router(x_TD, tokens_BS.reshape(-1))
+    forced_TK = None if experts_BSK is None else experts_BSK.reshape(B * S, -1)
+    weights_TK, experts_TK, scores_TE = self.router(x_TD, tokens_BS.reshape(-1), forced_TK)
     y_TD = self.experts(x_TD, weights_TK, experts_TK)
     if self.shared is not None:
       y_TD = y_TD + self.shared(x_TD).astype(jnp.float32)
-    return y_TD.astype(x_BSD.dtype).reshape(B, S, D)
+    aux = {}
+    if collect_aux:
+      experts_BSK = experts_TK.reshape(B, S, -1)
+      aux["load"], aux["balance"] = router_stats(scores_TE.reshape(B, S, -1), experts_BSK,
+                                                 self.router.cfg.n_routed_experts)
+      aux["experts"] = experts_BSK
+    return y_TD.astype(x_BSD.dtype).reshape(B, S, D), aux

@@ -19,6 +19,7 @@ from dsv4_jax.model.common import RMSNorm, param
 from dsv4_jax.model.context import make_context
 from dsv4_jax.model.mhc import HyperConnection, HyperHead
 from dsv4_jax.model.moe import MoE
+from dsv4_jax.model.options import INFERENCE, ForwardOptions
 
 
 class LayerSpec(NamedTuple):
@@ -61,21 +62,29 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
     self.ffn = MoE(cfg, hash_routed=spec.hash_routed, rngs=rngs)
 
-  def __call__(self, h_BSND, ctx, tokens_BS):
+  def __call__(self, h_BSND, ctx, tokens_BS, experts_BSK=None):
+    """(streams, aux): aux is {} unless ctx.opts.collect_aux (then load, balance, experts, indexer_kl)."""
     x, post, comb = self.attn_hc.pre(h_BSND)
-    h_BSND = self.attn_hc.post(self.attn(self.attn_norm(x), ctx), h_BSND, post, comb)
+    y, attn_aux = self.attn(self.attn_norm(x), ctx)
+    h_BSND = self.attn_hc.post(y, h_BSND, post, comb)
     x, post, comb = self.ffn_hc.pre(h_BSND)
-    return self.ffn_hc.post(self.ffn(self.ffn_norm(x), tokens_BS), h_BSND, post, comb)
+    y, aux = self.ffn(self.ffn_norm(x), tokens_BS, experts_BSK, collect_aux=ctx.opts.collect_aux)
+    if ctx.opts.collect_aux:
+      aux["indexer_kl"] = attn_aux.get("indexer_kl", jnp.zeros((), jnp.float32))
+    return self.ffn_hc.post(y, h_BSND, post, comb), aux
 
 
 class Unit(nnx.Module):
   def __init__(self, cfg, specs, *, rngs: nnx.Rngs):
     self.blocks = nnx.List([Block(cfg, s, rngs=rngs) for s in specs])
 
-  def __call__(self, h, ctx, tokens_BS):
-    for block in self.blocks:
-      h = block(h, ctx, tokens_BS)
-    return h
+  def __call__(self, h, ctx, tokens_BS, routing=None):
+    """routing: None or a tuple with one [B, S, k] expert-index array per block."""
+    auxes = []
+    for i, block in enumerate(self.blocks):
+      h, aux = block(h, ctx, tokens_BS, None if routing is None else routing[i])
+      auxes.append(aux)
+    return h, tuple(auxes)
 
 
 class LayerStack(nnx.Module):
@@ -91,16 +100,17 @@ class LayerStack(nnx.Module):
 
     self.units = create(rngs)
 
-  def __call__(self, h, ctx, tokens_BS, remat_policy=None):
+  def __call__(self, h, ctx, tokens_BS, remat_policy=None, routing=None):
+    """(streams, aux stacked over repeats: a tuple per unit position). routing: per position [R, B, S, k]."""
     graphdef, state = nnx.split(self.units)
 
-    def body(carry, unit_state):
-      return nnx.merge(graphdef, unit_state)(carry, ctx, tokens_BS), None
+    def body(carry, xs):
+      unit_state, unit_routing = xs
+      return nnx.merge(graphdef, unit_state)(carry, ctx, tokens_BS, unit_routing)
 
     if remat_policy is not None:
       body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-    h, _ = jax.lax.scan(body, h, state)
-    return h
+    return jax.lax.scan(body, h, (state, routing))
 
 
 class MTPBlock(nnx.Module):
@@ -117,13 +127,13 @@ class MTPBlock(nnx.Module):
     self.hc_head = HyperHead(cfg.hc_mult, d, hc_eps=cfg.hc_eps, norm_eps=cfg.rms_norm_eps, rngs=rngs)
     self.norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=pdt, rngs=rngs)
 
-  def __call__(self, h_BSND, next_embed_BSD, ctx, next_tokens_BS):
-    """Returns (streams after the block, normed features for the shared head)."""
+  def __call__(self, h_BSND, next_embed_BSD, ctx, next_tokens_BS, experts_BSK=None):
+    """Returns (streams after the block, normed features for the shared head, aux)."""
     dt = h_BSND.dtype
     e = jnp.einsum("BSD,DE->BSE", self.enorm(next_embed_BSD), self.e_proj[...].astype(dt))
     x = jnp.einsum("BSND,DE->BSNE", self.hnorm(h_BSND), self.h_proj[...].astype(dt))
-    h_BSND = self.block(e[:, :, None, :] + x, ctx, next_tokens_BS)
-    return h_BSND, self.norm(self.hc_head(h_BSND))
+    h_BSND, aux = self.block(e[:, :, None, :] + x, ctx, next_tokens_BS, experts_BSK)
+    return h_BSND, self.norm(self.hc_head(h_BSND)), aux
 
 
 @jax.tree_util.register_dataclass
@@ -132,6 +142,7 @@ class ModelOutput:
   logits: jax.Array  # [B, S, V] float32: next-token logits
   mtp_logits: jax.Array | None  # [B, S, V] float32: position t predicts t+2 from h_t and tokens[t+1]
   hidden: jax.Array  # [B, S, hc, d] streams after the last main layer
+  aux: dict | None = None  # with ForwardOptions(collect_aux=True): per-layer arrays, see DeepSeekV4.__call__
 
 
 class DeepSeekV4(nnx.Module):
@@ -164,22 +175,76 @@ class DeepSeekV4(nnx.Module):
     return jnp.einsum("BSD,DV->BSV", features_BSD.astype(jnp.float32), self.head[...].astype(jnp.float32),
                       precision="highest")
 
-  def __call__(self, tokens, segment_ids=None, positions=None, *, with_mtp: bool = True, remat_policy=None):
+  def __call__(self, tokens, segment_ids=None, positions=None, *, with_mtp: bool = True, remat_policy=None,
+               options: ForwardOptions = INFERENCE, routing=None):
+    """Logits (and MTP logits) for int32 tokens [B, S].
+
+    options: training-time switches (ForwardOptions). With `collect_aux`, `ModelOutput.aux` holds, per MoE
+      layer in order (main layers, then the MTP block when it ran): `load` [L, E] routed-token counts,
+      `balance` [L] sequence-wise balance loss, `experts` [L, B, S, k] routing indices, `indexer_kl` [L] (0
+      where the layer has no indexer or options.indexer_loss is off).
+    routing: [L, B, S, k] int32 expert indices to use instead of the routers' own choice (anticipatory
+      routing: indices from an earlier forward); combine weights still come from the current parameters.
+    """
     cfg = self.cfg
     tokens_BS = jnp.asarray(tokens, jnp.int32)
     if tokens_BS.ndim != 2:
       raise ValueError(f"tokens must be [batch, seq] int32, got shape {tokens_BS.shape}")
-    ctx = make_context(cfg, tokens_BS, segment_ids, positions)
+    run_mtp = with_mtp and len(self.mtp) > 0
+    n_moe = cfg.num_hidden_layers + int(run_mtp)
+    if routing is not None and routing.shape[:3] != (n_moe,) + tokens_BS.shape:
+      raise ValueError(f"routing must be [{n_moe}, B, S, k] (MoE layers incl. MTP when it runs, then the "
+                       f"token shape {tokens_BS.shape}), got {routing.shape}")
+    ctx = make_context(cfg, tokens_BS, segment_ids, positions, options)
     dt = jnp.dtype(cfg.dtype)
     embed_VD = self.embed[...]
     x_BSD = embed_VD[tokens_BS].astype(dt)
     h = jnp.broadcast_to(x_BSD[:, :, None, :], x_BSD.shape[:2] + (cfg.hc_mult, cfg.hidden_size))
+    auxes, start = [], 0
     for stack in self.stacks:
-      h = stack(h, ctx, tokens_BS, remat_policy)
+      R, P = stack.repeats, len(stack.specs)
+      stack_routing = None
+      if routing is not None:
+        r_RPBSK = routing[start:start + R * P].reshape((R, P) + routing.shape[1:])
+        stack_routing = tuple(r_RPBSK[:, p] for p in range(P))
+      h, stack_aux = stack(h, ctx, tokens_BS, remat_policy, stack_routing)
+      if options.collect_aux:  # [R] per position -> layer order start + r·P + p
+        auxes.append(jax.tree.map(lambda *a: jnp.stack(a, 1).reshape((R * P,) + a[0].shape[1:]), *stack_aux))
+      start += R * P
     logits = self.logits(self.norm(self.hc_head(h)))
     mtp_logits = None
-    if with_mtp and len(self.mtp):
+    if run_mtp:
       next_BS = jnp.concatenate([tokens_BS[:, 1:], jnp.zeros_like(tokens_BS[:, :1])], axis=1)
-      _, feats = self.mtp[0](h, embed_VD[next_BS].astype(dt), ctx, next_BS)
+      _, feats, mtp_aux = self.mtp[0](h, embed_VD[next_BS].astype(dt), ctx, next_BS,
+                                      None if routing is None else routing[-1])
       mtp_logits = self.logits(feats)
-    return ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h)
+      if options.collect_aux:
+        auxes.append(jax.tree.map(lambda a: a[None], mtp_aux))
+    aux = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *auxes) if options.collect_aux else None
+    return ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h, aux=aux)
+
+  def moe_layer_flags(self, with_mtp: bool = True):
+    """Static per-MoE-layer facts in aux order: (hash_routed, has_indexer) tuples of bools."""
+    cfg = self.cfg
+    ratios = list(cfg.main_ratios) + (list(cfg.mtp_ratios[:1]) if with_mtp else [])
+    hashed = [i < cfg.num_hash_layers for i in range(cfg.num_hidden_layers)] + [False] * (len(ratios) -
+                                                                                        cfg.num_hidden_layers)
+    return tuple(hashed), tuple(r == 4 for r in ratios)
+
+  def update_routing_bias(self, load_LE, speed: float, with_mtp: bool = True):
+    """Aux-loss-free balancing (spec §10): bias_i += speed · sign(mean load − load_i) for each bias-routed layer.
+
+    load_LE: expert loads in aux order (main layers, then MTP). Hash-routed layers have no bias and are skipped.
+    """
+    cfg = self.cfg
+    hashed, _ = self.moe_layer_flags(with_mtp)
+    delta_LE = speed * jnp.sign(jnp.mean(load_LE, axis=-1, keepdims=True) - load_LE)
+    for layer in range(cfg.num_hidden_layers):
+      if hashed[layer]:
+        continue
+      s, rep, pos = self.layer_location(layer)
+      bias = self.stacks[s].units.blocks[pos].ffn.router.bias
+      bias[...] = bias[...].at[rep].add(delta_LE[layer])
+    if with_mtp and len(self.mtp):
+      bias = self.mtp[0].block.ffn.router.bias
+      bias[...] = bias[...] + delta_LE[cfg.num_hidden_layers]
