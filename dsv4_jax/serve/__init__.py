@@ -1,0 +1,1 @@
+"""Serving: chat encoding and completion parsing for DeepSeek-V4."""
