@@ -1,0 +1,1 @@
+"""Training: optimizer and LR schedule, losses, data, the train step."""
