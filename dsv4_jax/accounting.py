@@ -199,3 +199,33 @@ def kv_cache(cfg: ModelConfig, context: int, fmt: str = "fp8", include_mtp: bool
     window=len(ratios) * min(context, cfg.sliding_window) * entry, compressed=sum(n_comp) * entry,
     indexer=sum(n for n, r in zip(n_comp, ratios) if r == 4) * key, compressor_state=state,
   )
+
+
+# ----- training FLOPs ------------------------------------------------------------------------------------
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool = True) -> float:
+  """Model FLOPs of one training token (forward + backward = 3 × forward), counting only work done.
+
+  Matmuls: 2 · active parameters (the routed experts a token uses, the shared expert, the head; MTP when
+  trained). Attention: 4 · heads · head_dim per attended key (q·k and p·v), with the keys a query really
+  attends on average over a sequence of `seq_len`: the window, plus the top-k (CSA) or every visible (HCA)
+  compressed entry. The indexer: 2 · index heads · index dim per visible CSA entry. mHC mixing and norms are
+  omitted (elementwise).
+  """
+  counts = count_params(cfg)
+  matmul = counts.active + (counts.mtp_active + counts.head if with_mtp else 0)
+  ratios = list(cfg.main_ratios) + (list(cfg.mtp_ratios) if with_mtp else [])
+  avg_window = min(cfg.sliding_window, (seq_len + 1) / 2)
+  attn = 0.0
+  for ratio in ratios:
+    keys = avg_window
+    if ratio:
+      visible = (seq_len / ratio) / 2  # mean over queries of floor((t+1)/m)
+      if ratio == 4:  # mean over t of min(k, t/m)
+        k, full = cfg.index_topk, seq_len / ratio
+        keys += visible if full <= k else k - k * k / (2 * full)
+      else:
+        keys += visible
+      if ratio == 4:
+        attn += 2 * cfg.index_n_heads * cfg.index_head_dim * visible
+    attn += 4 * cfg.num_attention_heads * cfg.head_dim * keys
+  return 3.0 * (2.0 * matmul + attn)

@@ -18,41 +18,16 @@ import sys
 from typing import Any, Callable
 
 from dsv4_jax import accounting
-from dsv4_jax.config import PRESETS, RATIO_TO_KIND, ModelConfig
+from dsv4_jax.config import PRESETS, RATIO_TO_KIND, ModelConfig, load_model_config as load_config
 
 
 # ----- shared helpers (for every subcommand) -------------------------------------------------------------
-def load_config(spec: str, **overrides) -> ModelConfig:
-  """A ModelConfig from a preset name, a checkpoint dir, a config.json or an ml_collections .py file."""
-  if spec in PRESETS:
-    return ModelConfig.preset(spec, **overrides)
-  path, _, arg = spec.partition(":") if ".py:" in spec else (spec, "", "")
-  if path.endswith(".py"):
-    return _config_from_py(path, arg or None, overrides)
-  if os.path.isdir(spec) or spec.endswith(".json"):
-    return ModelConfig.from_hf(spec, **overrides)
-  raise ValueError(f"not a preset ({', '.join(PRESETS)}), a directory, a .json or a .py file")
-
-
 def config_arg(spec: str, **overrides) -> ModelConfig:
   """load_config for a command-line argument: a bad config exits with a one-line message, no traceback."""
   try:
     return load_config(spec, **overrides)
   except (ValueError, FileNotFoundError) as e:
     raise SystemExit(f"dsv4: error: --config {spec}: {e}") from None
-
-
-def _config_from_py(path: str, arg: str | None, overrides: dict[str, Any]) -> ModelConfig:
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"no config file at {path}")
-  module_spec = importlib.util.spec_from_file_location(f"_dsv4_config_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  cfg = module.get_config(arg) if arg is not None else module.get_config()
-  if isinstance(cfg, ModelConfig):
-    return cfg.replace(**overrides)
-  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  return ModelConfig.from_dict(d, **overrides)
 
 
 def human(n: float) -> str:
@@ -174,9 +149,96 @@ def _run_info(args: argparse.Namespace) -> int:
   return 0
 
 
+# ----- dsv4 train ------------------------------------------------------------------------------------------
+def _add_train(sub) -> None:
+  p = sub.add_parser(
+      "train", help="train a model (the README's main job)",
+      description="Train (or resume) a run. Flags (ml_collections config_flags):\n"
+                  "  --config PATH.py[:ARG]       the run's config file (e.g. configs/train_tiny.py)\n"
+                  "  --workdir DIR                checkpoints, metrics.jsonl, tb/, tokenizer.json, hf/\n"
+                  "  --config.FIELD=VALUE         override any field, e.g. --config.steps=50 "
+                  "--config.data.seq_len=128",
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.set_defaults(func=_run_train, takes_flags=True)
+
+
+def parse_train_flags(flag_args: list[str]):
+  """(config, workdir) from `--config PATH --workdir DIR --config.X=V ...` via ml_collections config_flags."""
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "the run's ml_collections config file", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
+  try:
+    fv(["dsv4 train"] + list(flag_args))
+  except flags.Error as e:
+    raise SystemExit(f"dsv4 train: error: {e}") from None
+  if fv.config is None:
+    raise SystemExit("dsv4 train: error: --config is required (e.g. --config configs/train_tiny.py)")
+  if not fv.workdir:
+    raise SystemExit("dsv4 train: error: --workdir is required")
+  return fv.config, fv.workdir
+
+
+def _run_train(args) -> int:
+  cfg, workdir = parse_train_flags(args.flags)
+  from dsv4_jax.train.loop import train
+  from dsv4_jax.train.checkpoint import IncompatibleCheckpoint
+  try:
+    last = train(cfg, workdir)
+  except IncompatibleCheckpoint as e:
+    raise SystemExit(f"dsv4 train: error: {e}") from None
+  if last:
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in last.items()
+             if k in ("step", "loss", "eval_loss", "tokens_per_s", "mfu")}
+    print(f"done: {json.dumps(shown)}; model in {os.path.join(workdir, 'hf')}")
+  return 0
+
+
+# ----- dsv4 generate ---------------------------------------------------------------------------------------
+def _add_generate(sub) -> None:
+  p = sub.add_parser("generate", help="sample text from a checkpoint (plain loop, no KV cache yet)")
+  p.add_argument("--checkpoint", required=True,
+                 help="a model directory in the official format with tokenizer.json (e.g. WORKDIR/hf)")
+  p.add_argument("--prompt", required=True)
+  p.add_argument("--max-new-tokens", type=int, default=100)
+  p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+  p.add_argument("--top-k", type=int, default=0)
+  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--stream", action="store_true", help="print text as it is generated")
+  p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+  from dsv4_jax.serve.simple import generate_text
+  from dsv4_jax.tokenizer import Tokenizer
+  from dsv4_jax.weights import load_pretrained
+  if not os.path.isdir(args.checkpoint):
+    raise SystemExit(f"dsv4 generate: error: --checkpoint {args.checkpoint} is not a directory")
+  try:
+    tok = Tokenizer.load(args.checkpoint)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"dsv4 generate: error: {e}") from None
+  model, _ = load_pretrained(args.checkpoint)
+  sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+  try:
+    if args.stream:
+      sys.stdout.write(args.prompt)
+      generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
+                    on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), **sampling)
+      sys.stdout.write("\n")
+    else:
+      print(args.prompt + generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, **sampling))
+  except ValueError as e:
+    raise SystemExit(f"dsv4 generate: error: {e}") from None
+  return 0
+
+
 # ----- entry point ---------------------------------------------------------------------------------------
 # Each entry adds one subparser and sets `func` (args -> exit code); append new subcommands here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_generate]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if getattr(args, "takes_flags", False):
+    args.flags = extra  # absl-style flags, parsed by the subcommand
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
   return args.func(args)
 
 

@@ -12,6 +12,7 @@ mostly renames. Fields that are not in `config.json` (dtypes, `simulate_quant`, 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import warnings
@@ -479,3 +480,29 @@ def _fields_to_hf(c: ModelConfig, quantized: bool | None) -> dict[str, Any]:
   if runtime:
     d[RUNTIME_KEY] = runtime
   return dict(sorted(d.items()))
+
+
+# ----- loading from a command-line style spec ------------------------------------------------------------
+def load_model_config(spec: str, **overrides) -> ModelConfig:
+  """A ModelConfig from a preset name, a checkpoint dir, a config.json or an ml_collections .py file."""
+  if spec in PRESETS:
+    return ModelConfig.preset(spec, **overrides)
+  path, _, arg = spec.partition(":") if ".py:" in spec else (spec, "", "")
+  if path.endswith(".py"):
+    return _config_from_py(path, arg or None, overrides)
+  if os.path.isdir(spec) or spec.endswith(".json"):
+    return ModelConfig.from_hf(spec, **overrides)
+  raise ValueError(f"not a preset ({', '.join(PRESETS)}), a directory, a .json or a .py file")
+
+
+def _config_from_py(path: str, arg: str | None, overrides: dict[str, Any]) -> ModelConfig:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file at {path}")
+  module_spec = importlib.util.spec_from_file_location(f"_dsv4_config_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  cfg = module.get_config(arg) if arg is not None else module.get_config()
+  if isinstance(cfg, ModelConfig):
+    return cfg.replace(**overrides)
+  d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+  return ModelConfig.from_dict(d, **overrides)
