@@ -167,13 +167,19 @@ def parse_train_flags(flag_args: list[str]):
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()
+  argv = ["dsv4 train"] + list(flag_args)
+  # sys_argv: config_flags reads the --config.X overrides from sys.argv unless told otherwise.
   config_flags.DEFINE_config_file("config", None, "the run's ml_collections config file", flag_values=fv,
-                                  lock_config=True)
+                                  lock_config=True, sys_argv=argv)
   flags.DEFINE_string("workdir", None, "the run's directory", flag_values=fv)
   try:
-    fv(["dsv4 train"] + list(flag_args))
+    fv(argv)
   except flags.Error as e:
     raise SystemExit(f"dsv4 train: error: {e}") from None
+  except (AttributeError, KeyError) as e:  # config_flags: an override of a field the config does not have
+    name = str(e.args[0] if e.args else e).strip("'\"")
+    flag = next((a for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")), name)
+    raise SystemExit(f"dsv4 train: error: {flag}: the config has no field {name!r}") from None
   if fv.config is None:
     raise SystemExit("dsv4 train: error: --config is required (e.g. --config configs/train_tiny.py)")
   if not fv.workdir:
