@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pallas_kernels.sparse_attention.reference import sparse_attention_reference
+import jax
+
+from pallas_kernels.sparse_attention.vjp import sparse_attention_vjp
 
 _IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
 
@@ -11,7 +13,9 @@ def sparse_attention(q, kv, sink, indices, *, scale: float, implementation: str 
   """Softmax over the keys each query selected (plus a per-head sink) of one shared K=V head.
 
   q [B,S,H,D], kv [B,T,D], sink [H] float32, indices [B,S,K] int32 (-1 = none).
-  Returns (out [B,S,H,D] in q's dtype, lse [B,S,H] float32 including the sink).
+  Returns (out [B,S,H,D] in q's dtype, lse [B,S,H] float32 including the sink). Differentiable in q, kv and
+  sink through one shared backward (vjp.py). "auto" is the TPU kernel on a TPU backend, else the reference;
+  "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for tests).
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
@@ -22,8 +26,11 @@ def sparse_attention(q, kv, sink, indices, *, scale: float, implementation: str 
     raise ValueError(f"shape mismatch: q{q.shape} kv{kv.shape} indices{indices.shape}")
   if sink.shape != (q.shape[2],):
     raise ValueError(f"sink must be [H={q.shape[2]}], got {sink.shape}")
-  if implementation in ("tpu", "gpu"):
-    raise NotImplementedError(
-        f"the {implementation!r} sparse-attention kernel is not built yet; use implementation='reference'")
-  # "auto" resolves to the reference until the backend kernels land.
-  return sparse_attention_reference(q, kv, sink, indices, scale=scale)
+  if q.shape[-1] > 512:
+    raise ValueError(f"head dim {q.shape[-1]} > 512 is not supported")
+  if implementation == "gpu":
+    raise NotImplementedError("the Mosaic GPU sparse-attention kernel is not built yet; use implementation="
+                              "'reference' (or 'auto', which picks the reference off TPU)")
+  if implementation == "auto":
+    implementation = "tpu" if jax.default_backend() == "tpu" else "reference"
+  return sparse_attention_vjp(q, kv, sink, indices, float(scale), implementation)

@@ -1,0 +1,94 @@
+"""One custom_vjp for every implementation of the op, and the pure-JAX chunked backward (the reference).
+
+Residuals (q, kv, sink, indices, out, lse). With delta = Σ_d dO·O − dlse (per query and head) and
+p_j = exp(s_j − lse), the gradients are
+
+  ds_j = p_j · (dO·kv_j − delta),   dq = scale · Σ_j ds_j kv_j,
+  dkv_j = Σ_{queries, heads that selected j} (scale · ds_j q + p_j dO)     (K = V: both roles),
+  dsink = −Σ_queries exp(sink − lse) · delta.
+
+delta and dsink are cheap [B, S, H] reductions done here in XLA; an implementation supplies dq and dkv.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.sparse_attention import tpu
+from pallas_kernels.sparse_attention.reference import sparse_attention_reference
+
+_F32 = jnp.float32
+
+
+def _chunk_grads(q_BCHD, kv_BTD, idx_BCK, do_BCHD, lse_BCH, dlt_BCH, scale):
+  """dq [B,C,H,D] and the dkv contributions [B,C,K,D] (float32) of a chunk of queries."""
+  valid_BCK = idx_BCK >= 0
+  keys_BCKD = jax.vmap(lambda kv, i: kv[i])(kv_BTD, jnp.where(valid_BCK, idx_BCK, 0)).astype(_F32)
+  q, do = q_BCHD.astype(_F32), do_BCHD.astype(_F32)
+  s_BCHK = jnp.einsum("BCHD,BCKD->BCHK", q, keys_BCKD, precision="highest") * scale
+  p_BCHK = jnp.where(valid_BCK[:, :, None], jnp.exp(s_BCHK - lse_BCH[..., None]), 0.0)
+  dp_BCHK = jnp.einsum("BCHD,BCKD->BCHK", do, keys_BCKD, precision="highest")
+  ds_BCHK = p_BCHK * (dp_BCHK - dlt_BCH[..., None])
+  dq_BCHD = scale * jnp.einsum("BCHK,BCKD->BCHD", ds_BCHK, keys_BCKD, precision="highest")
+  g_BCKD = (scale * jnp.einsum("BCHK,BCHD->BCKD", ds_BCHK, q, precision="highest")
+            + jnp.einsum("BCHK,BCHD->BCKD", p_BCHK, do, precision="highest"))
+  return dq_BCHD, g_BCKD
+
+
+def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *, scale: float,
+                  query_chunk: int = 256):
+  """(dq [B,S,H,D] in q's dtype, dkv [B,T,D] float32), queries in chunks: memory O(chunk · K · D), never [S, T]."""
+  B, S, H, D = q_BSHD.shape
+  T = kv_BTD.shape[1]
+  C = min(query_chunk, S)
+  n = -(-S // C)
+  pad = n * C - S
+
+  def split(x, value=0):  # [B, S, ...] -> [n, B, C, ...]
+    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
+    return x.reshape((B, n, C) + x.shape[2:]).swapaxes(0, 1)
+
+  b_B11 = jnp.arange(B)[:, None, None]
+
+  def step(dkv_BTD, xs):
+    q, idx, do, lse, dlt = xs
+    dq, g = _chunk_grads(q, kv_BTD, idx, do, lse, dlt, scale)
+    dkv_BTD = dkv_BTD.at[b_B11, jnp.where(idx >= 0, idx, T)].add(g, mode="drop")
+    return dkv_BTD, dq.astype(q_BSHD.dtype)
+
+  xs = (split(q_BSHD), split(indices_BSK, -1), split(dout_BSHD), split(lse_BSH.astype(_F32)),
+        split(delta_BSH.astype(_F32)))
+  dkv_BTD, dq = lax.scan(step, jnp.zeros((B, T, D), _F32), xs)
+  return dq.swapaxes(0, 1).reshape(B, n * C, H, D)[:, :S], dkv_BTD
+
+
+_FORWARD = {"reference": sparse_attention_reference, "tpu": tpu.sparse_attention_tpu}
+_BACKWARD = {"reference": reference_bwd, "tpu": tpu.sparse_attention_tpu_bwd}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def sparse_attention_vjp(q, kv, sink, indices, scale: float, implementation: str):
+  """The op with the shared backward; `implementation` is "reference" or "tpu"."""
+  return _FORWARD[implementation](q, kv, sink, indices, scale=scale)
+
+
+def _fwd(q, kv, sink, indices, scale, implementation):
+  out, lse = _FORWARD[implementation](q, kv, sink, indices, scale=scale)
+  return (out, lse), (q, kv, sink, indices, out, lse)
+
+
+def _bwd(scale, implementation, residuals, cotangents):
+  q, kv, sink, indices, out, lse = residuals
+  dout, dlse = cotangents
+  delta_BSH = jnp.einsum("BSHD,BSHD->BSH", dout.astype(_F32), out.astype(_F32), precision="highest")
+  delta_BSH = delta_BSH - dlse.astype(_F32)
+  dsink = -jnp.sum(jnp.exp(sink.astype(_F32) - lse) * delta_BSH, axis=(0, 1))
+  dq, dkv = _BACKWARD[implementation](q, kv, indices, dout, lse, delta_BSH, scale=scale)
+  return dq.astype(q.dtype), dkv.astype(kv.dtype), dsink.astype(sink.dtype), None
+
+
+sparse_attention_vjp.defvjp(_fwd, _bwd)
