@@ -177,11 +177,20 @@ def parse_train_flags(flag_args: list[str]):
   except flags.Error as e:
     raise SystemExit(f"dsv4 train: error: {e}") from None
   except (AttributeError, KeyError) as e:  # config_flags: an override of a field the config does not have
-    name = str(e.args[0] if e.args else e).strip("'\"")
+    while e.args and isinstance(e.args[0], BaseException):  # AttributeError(KeyError(...))
+      e = e.args[0]
+    first, _, hint = str(e.args[0] if e.args else e).partition("\n")  # "'name'" [+ "\nDid you mean ..."]
+    name = first.strip("'\"")
     flag = next((a for a in argv if a.startswith("--config.") and name in a.split("=")[0].split(".")), name)
-    raise SystemExit(f"dsv4 train: error: {flag}: the config has no field {name!r}") from None
+    hint = f" ({hint.strip()})" if hint.strip() else ""
+    raise SystemExit(f"dsv4 train: error: {flag}: the config has no field {name!r}{hint}") from None
   if fv.config is None:
     raise SystemExit("dsv4 train: error: --config is required (e.g. --config configs/train_tiny.py)")
+  try:
+    fv.config.keys()  # a config file that failed to load raises its (deferred) error on first access
+  except OSError as e:
+    reason = " ".join(str(e.__cause__ or e).split())
+    raise SystemExit(f"dsv4 train: error: --config {fv['config'].config_filename}: {reason}") from None
   if not fv.workdir:
     raise SystemExit("dsv4 train: error: --workdir is required")
   return fv.config, fv.workdir
