@@ -158,9 +158,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, scfg: StepConfig
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     updates = jax.tree.map(lambda u, m: (u * hparams["lr_scale"]).astype(u.dtype) if m else jnp.zeros_like(u),
                            updates, mask)
+    finite = finite & jnp.isfinite(optax.global_norm(updates))  # e.g. a non-finite lr_scale
     params = optax.apply_updates(state.params, updates)
 
-    model = nnx.merge(graphdef, params, state.buffers)
+    # copy=True: the bias update mutates Variables, which would otherwise be shared with state.buffers.
+    model = nnx.merge(graphdef, params, state.buffers, copy=True)
     if scfg.bias_update_speed and scfg.stage != "warmup":
       model.update_routing_bias(load_LE, scfg.bias_update_speed, with_mtp=n_moe > cfg.num_hidden_layers)
     _, _, buffers = split_model(model)
@@ -171,7 +173,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, scfg: StepConfig
         params=keep(params, state.params),
         buffers=keep(buffers, state.buffers),
         opt_state=keep(opt_state, state.opt_state),
-        rng=jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
+        rng=keep(jax.random.key_data(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)),
+                 state.rng),
     )
     metrics = dict(
         loss=loss,
