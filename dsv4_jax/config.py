@@ -23,6 +23,7 @@ RATIO_TO_KIND: dict[int, LayerKind] = {0: "swa", 4: "csa", 128: "hca"}
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("reference", "tpu", "gpu", "auto")
+MOE_IMPLS = ("auto", "ragged", "capacity")
 EXPERT_DTYPES = (None, "fp4", "fp8")
 WEIGHT_QUANTS = (None, "fp8")
 # The official FP8 format of the non-expert weights (config.json `quantization_config`).
@@ -32,7 +33,8 @@ OFFICIAL_QUANTIZATION_CONFIG = {
 }
 # Our fields that config.json does not carry; to_hf stores non-default ones under this key.
 RUNTIME_KEY = "dsv4_jax"
-RUNTIME_FIELDS = ("simulate_quant", "dtype", "param_dtype", "attention_impl", "scan_layers")
+RUNTIME_FIELDS = ("simulate_quant", "dtype", "param_dtype", "attention_impl", "scan_layers", "moe_impl",
+                  "moe_capacity_factor", "fp32_matmuls")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +95,14 @@ class ModelConfig:
   param_dtype: str = "float32"  # storage dtype of the parameters
   attention_impl: str = "reference"  # pallas_kernels.sparse_attention implementation
   scan_layers: bool = True
+  # Routed-expert matmuls: "ragged" = exact grouped matmul (jax.lax.ragged_dot; native on TPU, slow on GPU),
+  # "capacity" = einsum over [experts, capacity, d] buffers, tokens past an expert's capacity dropped (fast on
+  # GPU), "auto" = capacity on GPU, ragged elsewhere.
+  moe_impl: str = "auto"
+  # The official code's float32 matmuls (output head, compressor projections). False: operands in `dtype`
+  # with float32 accumulation, much faster on GPUs (float32 matmul runs at a fraction of bf16) for training.
+  fp32_matmuls: bool = True
+  moe_capacity_factor: float = 1.25  # capacity = ceil(factor · tokens · k / experts)
 
   def __post_init__(self):
     _coerce_types(self)
@@ -274,6 +284,8 @@ def _validate(c: ModelConfig) -> None:
   need(c.weight_quant in WEIGHT_QUANTS, f"weight_quant = {c.weight_quant!r} must be None or 'fp8'")
   need(c.attention_impl in ATTENTION_IMPLS,
        f"attention_impl = {c.attention_impl!r} must be one of {', '.join(ATTENTION_IMPLS)}")
+  need(c.moe_impl in MOE_IMPLS, f"moe_impl = {c.moe_impl!r} must be one of {', '.join(MOE_IMPLS)}")
+  need(c.moe_capacity_factor > 0, f"moe_capacity_factor = {c.moe_capacity_factor} must be > 0")
 
 
 # ----- presets -------------------------------------------------------------------------------------------

@@ -160,3 +160,49 @@ def test_routed_experts_gradients(layer):
                                                                  state["w2"][...])
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4 * np.abs(np.asarray(w)).max())
+
+
+def _assignments(T, seed):
+  """[T, K] distinct experts per token, random combine weights."""
+  rng = np.random.default_rng(seed)
+  experts = np.stack([rng.permutation(E)[:K] for _ in range(T)]).astype(np.int32)
+  return experts, rng.uniform(0.1, 1.0, (T, K)).astype(np.float32)
+
+
+def test_capacity_path_equals_loop_when_nothing_overflows():
+  """With capacity >= tokens, the capacity-bucketed einsum path is the same function as the exact one."""
+  cfg = CFG.replace(moe_impl="capacity", moe_capacity_factor=float(E))
+  experts = moe.RoutedExperts(cfg, rngs=nnx.Rngs(5))
+  experts_TK, weights_TK = _assignments(X.shape[0], 6)
+  assert moe.moe_capacity(cfg, X.shape[0]) == X.shape[0]
+  got = np.asarray(experts(jnp.asarray(X), jnp.asarray(weights_TK), jnp.asarray(experts_TK)))
+  want = routed_np(X.astype(np.float64), weights_TK, experts_TK, experts)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_capacity_path_drops_overflow_in_token_order():
+  """Past C rows per expert, later tokens' assignments are dropped; earlier ones are computed exactly."""
+  cfg = CFG.replace(moe_impl="capacity", moe_capacity_factor=0.5)
+  experts = moe.RoutedExperts(cfg, rngs=nnx.Rngs(5))
+  T = X.shape[0]
+  C = moe.moe_capacity(cfg, T)
+  experts_TK, weights_TK = _assignments(T, 7)
+  kept = np.zeros((T, K), bool)
+  seen = np.zeros(E, int)
+  for e in range(E):  # the path sorts stably by expert, so rows keep token order within each expert
+    for t in range(T):
+      for k in range(K):
+        if experts_TK[t, k] == e:
+          kept[t, k] = seen[e] < C
+          seen[e] += 1
+  assert not kept.all() and kept.any()
+  got = np.asarray(experts(jnp.asarray(X), jnp.asarray(weights_TK), jnp.asarray(experts_TK)))
+  want = routed_np(X.astype(np.float64), weights_TK * kept, experts_TK, experts)
+  np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_moe_impl_validation():
+  with pytest.raises(ValueError, match="moe_impl"):
+    CFG.replace(moe_impl="dense")
+  with pytest.raises(ValueError, match="moe_capacity_factor"):
+    CFG.replace(moe_capacity_factor=0.0)

@@ -32,9 +32,12 @@ class Compressor(nnx.Module):
   def __call__(self, x_BSD, positions_BS, layout: BlockLayout):
     """Compressed entries [B, N, head_dim] (in the activation dtype) for the slots of `layout`."""
     cfg, m, c = self.cfg, self.ratio, self.head_dim
-    x32 = x_BSD.astype(jnp.float32)
-    kv_BSC = jnp.einsum("BSD,DC->BSC", x32, self.wkv[...].astype(jnp.float32), precision="highest")
-    score_BSC = jnp.einsum("BSD,DC->BSC", x32, self.wgate[...].astype(jnp.float32), precision="highest")
+    dt = jnp.float32 if cfg.fp32_matmuls else x_BSD.dtype
+    x_in = x_BSD.astype(dt)
+    kv_BSC = jnp.einsum("BSD,DC->BSC", x_in, self.wkv[...].astype(dt), precision="highest",
+                        preferred_element_type=jnp.float32)
+    score_BSC = jnp.einsum("BSD,DC->BSC", x_in, self.wgate[...].astype(dt), precision="highest",
+                           preferred_element_type=jnp.float32)
     score_BSC = score_BSC + self.ape[...][positions_BS % m]
 
     gather = jax.vmap(lambda a, i: a[i])  # per batch row: [S, C] x [N, m] -> [N, m, C]

@@ -3,6 +3,8 @@ the first layers, clamped SwiGLU routed experts (grouped matmul) plus one shared
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -83,6 +85,12 @@ class RoutedExperts(nnx.Module):
     self.w2 = param(rngs, (E, f, d), ("experts", "mlp", "embed"), pdt, std=f ** -0.5)
 
   def __call__(self, x_TD, weights_TK, experts_TK):
+    if moe_impl(self.cfg) == "capacity":
+      return self.capacity_matmuls(x_TD, weights_TK, experts_TK)
+    return self.ragged_matmuls(x_TD, weights_TK, experts_TK)
+
+  def ragged_matmuls(self, x_TD, weights_TK, experts_TK):
+    """Exact: rows sorted by expert, three grouped matmuls (jax.lax.ragged_dot)."""
     cfg = self.cfg
     T, D = x_TD.shape
     dt = x_TD.dtype
@@ -97,6 +105,49 @@ class RoutedExperts(nnx.Module):
     h_RF = checkpoint_name(h_RF.astype(dt), "moe_hidden")
     y_RD = jax.lax.ragged_dot(h_RF, self.w2[...].astype(dt), group_sizes)
     return jnp.zeros((T, D), jnp.float32).at[token_of_row].add(y_RD.astype(jnp.float32))
+
+  def capacity_matmuls(self, x_TD, weights_TK, experts_TK):
+    """Each expert gets a buffer of C = ceil(factor · T · k / E) rows; batched einsums over [E, C, D].
+
+    Assignments past an expert's capacity are dropped (in token order), the usual training trade-off; with
+    C >= T every assignment fits and the result equals the ragged path.
+    """
+    cfg = self.cfg
+    T, D = x_TD.shape
+    K = experts_TK.shape[1]
+    E = cfg.n_routed_experts
+    C = moe_capacity(cfg, T)
+    dt = x_TD.dtype
+    flat_experts = experts_TK.reshape(-1)
+    order = jnp.argsort(flat_experts, stable=True)
+    sorted_experts = flat_experts[order]
+    group_sizes = jnp.bincount(flat_experts, length=E)
+    starts = jnp.cumsum(group_sizes) - group_sizes
+    rank = jnp.arange(T * K) - starts[sorted_experts]
+    keep = rank < C
+    slot = jnp.where(keep, sorted_experts * C + rank, E * C)  # E * C = out of range: dropped
+    token_of_row = order // K
+    x_ECD = jnp.zeros((E * C, D), dt).at[slot].set(x_TD[token_of_row], mode="drop").reshape(E, C, D)
+    w_EC = jnp.zeros((E * C,), jnp.float32).at[slot].set(weights_TK.reshape(-1)[order], mode="drop")
+    gate_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, self.w1[...].astype(dt))
+    up_ECF = jnp.einsum("ECD,EDF->ECF", x_ECD, self.w3[...].astype(dt))
+    h_ECF = clamped_swiglu(gate_ECF, up_ECF, cfg.swiglu_limit) * w_EC.reshape(E, C, 1)
+    h_ECF = checkpoint_name(h_ECF.astype(dt), "moe_hidden")
+    y_ECD = jnp.einsum("ECF,EFD->ECD", h_ECF, self.w2[...].astype(dt)).reshape(E * C, D)
+    y_RD = jnp.where(keep[:, None], y_ECD.at[slot].get(mode="fill", fill_value=0), 0)
+    return jnp.zeros((T, D), jnp.float32).at[token_of_row].add(y_RD.astype(jnp.float32))
+
+
+def moe_impl(cfg) -> str:
+  if cfg.moe_impl != "auto":
+    return cfg.moe_impl
+  return "capacity" if jax.default_backend() == "gpu" else "ragged"
+
+
+def moe_capacity(cfg, tokens: int) -> int:
+  """Rows per expert buffer in the capacity path."""
+  per_expert = tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
+  return max(1, min(tokens, math.ceil(cfg.moe_capacity_factor * per_expert)))
 
 
 class SharedExpert(nnx.Module):

@@ -172,8 +172,10 @@ class DeepSeekV4(nnx.Module):
     raise IndexError(f"layer {layer} out of range (model has {start} main layers)")
 
   def logits(self, features_BSD):
-    return jnp.einsum("BSD,DV->BSV", features_BSD.astype(jnp.float32), self.head[...].astype(jnp.float32),
-                      precision="highest")
+    """float32 logits; the matmul in float32 (official) or, with cfg.fp32_matmuls off, in cfg.dtype."""
+    dt = jnp.float32 if self.cfg.fp32_matmuls else jnp.dtype(self.cfg.dtype)
+    return jnp.einsum("BSD,DV->BSV", features_BSD.astype(dt), self.head[...].astype(dt),
+                      precision="highest", preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, segment_ids=None, positions=None, *, with_mtp: bool = True, remat_policy=None,
                options: ForwardOptions = INFERENCE, routing=None):
