@@ -267,6 +267,14 @@ class Checkpointer:
     step = self._resolve(step)
     return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
+  def delete_after(self, step: int) -> list[int]:
+    """Deletes every checkpoint after `step` (e.g. a trajectory abandoned by a rollback); returns their steps."""
+    self.wait()
+    dropped = [s for s in self.all_steps() if s > step]
+    for s in dropped:
+      self._mngr.delete(s)
+    return dropped
+
   # --- lifecycle
   def wait(self) -> None:
     """Blocks until an in-flight async save is committed (raises its error, if it failed)."""

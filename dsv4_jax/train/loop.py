@@ -278,8 +278,11 @@ class Trainer:
       self.ar.switch_on()
       writer.event(self.step, "anticipatory_on", delta=self.ar.delta, steps=self.ar.remaining)
       return
+    # Checkpoints past the target hold the abandoned trajectory (e.g. the blown-up parameters of the step before
+    # the spike); orbax would also skip every later save at a step up to the newest of them.
+    dropped = self.ckpt.delete_after(to_step)
     writer.event(self.step, "rollback", to_step=to_step, source=source,
-                 skipped_batches=self.step - to_step + 1)
+                 skipped_batches=self.step - to_step + 1, deleted_checkpoints=dropped)
     self.snapshots.drop_after(to_step)
     self.step = to_step
     self.pending.clear()  # the data stream moves on: batches around the spike are skipped
