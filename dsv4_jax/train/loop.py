@@ -59,7 +59,11 @@ def model_config_for(cfg, tok) -> ModelConfig:
 def optimizer_state_shardings(abstract_opt_state, params, default):
   """Each optimizer-state leaf takes the sharding of the parameter it mirrors (same key-path suffix and
   shape: momenta, Adam moments); counters and anything else get `default`."""
-  by_path = {jax.tree_util.keystr(tuple(path)): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  by_path = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    by_path[jax.tree_util.keystr(tuple(path))] = leaf
+    if path and getattr(path[-1], "name", None) == "value":  # Muon's momentum holds arrays, not Variables
+      by_path[jax.tree_util.keystr(tuple(path[:-1]))] = leaf
 
   def one(path, leaf):
     for i in range(len(path)):
