@@ -30,6 +30,7 @@ BATCH_AXES = ("experts", "o_groups")
 # (a, b, c) of X <- aX + b(XXᵀ)X + c(XXᵀ)²X: 8 fast quintic steps, then 2 cubic steps that settle at 1.
 NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 8 + ((2.0, -1.5, 0.5),) * 2
 NS_EPS = 1e-7
+ADAM_EPS_ROOT = 1e-36  # see build_optimizer
 
 
 # ----- paths and metadata ---------------------------------------------------------------------------------------
@@ -239,5 +240,9 @@ def build_optimizer(params, learning_rate, *, weight_decay: float = 0.1, muon_mo
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
-  adamw = optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, weight_decay=weight_decay)
+  # eps_root: XLA flushes float32 subnormals to zero, so the second moment (1 - b2)·g² becomes exactly 0 for
+  # |g| < ~5e-19 and, with eps = 1e-20, the step g / eps reached ~50·lr (rounding noise of a near-zero gradient
+  # blown up). A floor in the normal range under the square root caps that step at ~0.5·lr.
+  adamw = optax.adamw(learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps, eps_root=ADAM_EPS_ROOT,
+                      weight_decay=weight_decay)
   return optax.multi_transform({MUON: muon, ADAMW: adamw, FROZEN: optax.set_to_zero()}, label_fn)
