@@ -211,49 +211,121 @@ def _run_train(args) -> int:
   return 0
 
 
-# ----- dsv4 generate ---------------------------------------------------------------------------------------
+# ----- dsv4 generate / dsv4 serve ----------------------------------------------------------------------------
 def _add_generate(sub) -> None:
-  p = sub.add_parser("generate", help="sample text from a checkpoint (plain loop, no KV cache yet)")
+  p = sub.add_parser("generate", help="sample text from a checkpoint",
+                     description="raw: continue the prompt as plain text (BOS first; base and freshly trained "
+                                 "models). chat / thinking / max: the prompt is one user message in the V4 chat "
+                                 "encoding, Non-think / Think High / Think Max.")
   p.add_argument("--checkpoint", required=True,
                  help="a model directory in the official format with tokenizer.json (e.g. WORKDIR/hf)")
   p.add_argument("--prompt", required=True)
+  p.add_argument("--mode", choices=("raw", "chat", "thinking", "max"), default="raw")
   p.add_argument("--max-new-tokens", type=int, default=100)
   p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-  p.add_argument("--top-k", type=int, default=0)
-  p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0, help="0 = off")
+  p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stream", action="store_true", help="print text as it is generated")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter and compute dtype")
   p.set_defaults(func=_run_generate)
 
 
-def _run_generate(args) -> int:
-  from dsv4_jax.serve.simple import generate_text
+def _load_for_serving(cmd: str, checkpoint: str, dtype: str):
+  """(model, tokenizer) of a checkpoint directory; problems exit with a one-line message."""
   from dsv4_jax.tokenizer import Tokenizer
   from dsv4_jax.weights import load_pretrained
-  if not os.path.isdir(args.checkpoint):
-    raise SystemExit(f"dsv4 generate: error: --checkpoint {args.checkpoint} is not a directory")
+  if not os.path.isdir(checkpoint):
+    raise SystemExit(f"dsv4 {cmd}: error: --checkpoint {checkpoint} is not a directory")
   try:
-    tok = Tokenizer.load(args.checkpoint)
+    tok = Tokenizer.load(checkpoint)
+    model, _ = load_pretrained(checkpoint, dtype=dtype, progress=False)
   except (FileNotFoundError, ValueError) as e:
-    raise SystemExit(f"dsv4 generate: error: {e}") from None
-  model, _ = load_pretrained(args.checkpoint)
-  sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    raise SystemExit(f"dsv4 {cmd}: error: {e}") from None
+  return model, tok
+
+
+def _run_generate(args) -> int:
+  from dsv4_jax.serve.backend import make_backend
+  from dsv4_jax.serve.engine import Engine
+  from dsv4_jax.serve.params import InvalidRequest, SamplingParams
+  from dsv4_jax.serve.conversation import encode_chat
+  model, tok = _load_for_serving("generate", args.checkpoint, args.dtype)
   try:
-    if args.stream:
-      sys.stdout.write(args.prompt)
-      generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens,
-                    on_text=lambda t: (sys.stdout.write(t), sys.stdout.flush()), **sampling)
-      sys.stdout.write("\n")
+    params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    if args.mode == "raw":
+      prompt_ids, shown = [tok.bos_id] + tok.encode(args.prompt), args.prompt
     else:
-      print(args.prompt + generate_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, **sampling))
+      prompt_ids, thinking_mode = encode_chat(tok, [{"role": "user", "content": args.prompt}], args.mode)
+      shown = "<think>" if thinking_mode == "thinking" else ""
+    limit = model.cfg.max_position_embeddings
+    if len(prompt_ids) + args.max_new_tokens > limit:
+      raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
+                           f"the model's max_position_embeddings ({limit})")
+    engine = Engine(make_backend(model, 1, len(prompt_ids) + args.max_new_tokens), tok)
+    write = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if args.stream else None
+    if write:
+      write(shown)
+    handle = engine.submit(prompt_ids, params, on_delta=write)
+    engine.run_until_idle()
+    text = handle.result().text
   except ValueError as e:
     raise SystemExit(f"dsv4 generate: error: {e}") from None
+  print("" if args.stream else shown + text)
+  return 0
+
+
+def _add_serve(sub) -> None:
+  p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions)")
+  p.add_argument("--checkpoint", required=True, help="a model directory with tokenizer.json")
+  p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+  p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
+  p.add_argument("--slots", type=int, default=4, help="requests decoded together; more wait in a queue")
+  p.add_argument("--max-len", type=int, default=None,
+                 help="tokens per request, prompt + completion (default: min(8192, max_position_embeddings))")
+  p.add_argument("--model-name", default=None, help="the `model` clients must send (default: directory name)")
+  p.add_argument("--mode", choices=("chat", "thinking", "max"), default="chat",
+                 help="chat reasoning mode when a request names none")
+  p.add_argument("--backend", choices=("auto", "cached", "full"), default="auto",
+                 help="auto: KV cache when available, else full forward per step")
+  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter and compute dtype")
+  p.set_defaults(func=_run_serve)
+
+
+def _run_serve(args) -> int:
+  import signal
+  from dsv4_jax.serve.backend import make_backend
+  from dsv4_jax.serve.engine import Engine
+  from dsv4_jax.serve.server import Server
+  model, tok = _load_for_serving("serve", args.checkpoint, args.dtype)
+  max_len = args.max_len or min(8192, model.cfg.max_position_embeddings)
+  name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
+  try:
+    backend = make_backend(model, args.slots, max_len, args.backend)
+    server = Server(Engine(backend, tok), tok, name, args.host, args.port, default_mode=args.mode,
+                    log_requests=True)
+  except (ValueError, NotImplementedError, OSError) as e:
+    raise SystemExit(f"dsv4 serve: error: {e}") from None
+
+  def stop(signum, frame):
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGTERM, stop)
+  print(f"dsv4 serve: model {name!r} on {server.url} ({args.slots} slots, max_len {max_len}, "
+        f"{type(backend).__name__})", flush=True)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  print("dsv4 serve: stopped", flush=True)
   return 0
 
 
 # ----- entry point ---------------------------------------------------------------------------------------
 # Each entry adds one subparser and sets `func` (args -> exit code); append new subcommands here.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_generate]
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_train, _add_generate,
+                                                                    _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:

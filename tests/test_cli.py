@@ -90,3 +90,63 @@ def test_schedule_and_human():
   assert cli.schedule((0,), 43) == "43 swa"
   assert cli.human(284_332_240_471) == "284.3B" and cli.human(13_270_101_591) == "13.27B"
   assert cli.human(1_572_997_201_763) == "1573.0B" and cli.human(680_389) == "680.4K"
+
+
+# ----- dsv4 generate / dsv4 serve -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, model_factory):
+  """A tiny random model with a trained BPE (vocabulary = the model's), as `dsv4 train` leaves in WORKDIR/hf."""
+  from dsv4_jax import save_pretrained
+  from dsv4_jax.tokenizer import train_bpe
+  tok = train_bpe(["hello world, the quick brown fox. ", "def f(x): return x ", "café 你好 "] * 8, vocab_size=400)
+  cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
+  path = tmp_path_factory.mktemp("cli") / "hf"
+  save_pretrained(model_factory(cfg), cfg, path, progress=False)
+  tok.save(path)
+  return path
+
+
+def test_generate_modes_and_streaming(tiny_ckpt, capsys):
+  base = ["generate", "--checkpoint", str(tiny_ckpt), "--max-new-tokens", "6", "--dtype", "float32"]
+  outs = {}
+  for mode in ("raw", "chat", "thinking"):
+    for stream in ([], ["--stream"]):
+      argv = base + ["--prompt", "hello world", "--mode", mode, "--temperature", "0.8", "--seed", "3"] + stream
+      assert cli.main(argv) == 0
+      outs[mode, bool(stream)] = capsys.readouterr().out
+    assert outs[mode, True] == outs[mode, False]  # streamed text == the whole text
+  assert outs["raw", False].startswith("hello world") and len(outs["raw", False]) > len("hello world\n")
+  assert outs["thinking", False].startswith("<think>") and not outs["chat", False].startswith("<think>")
+  assert outs["raw", False] != outs["chat", False]
+  with pytest.raises(SystemExit, match="max_position_embeddings"):
+    cli.main(base[:3] + ["--prompt", "x", "--max-new-tokens", "100000"])
+  with pytest.raises(SystemExit, match="top_p"):
+    cli.main(base + ["--prompt", "x", "--top-p", "0"])
+  with pytest.raises(SystemExit, match="not a directory"):
+    cli.main(["generate", "--checkpoint", str(tiny_ckpt / "nope"), "--prompt", "x"])
+
+
+def test_serve_subprocess_end_to_end(tiny_ckpt):
+  import signal
+  import urllib.request
+  proc = subprocess.Popen([sys.executable, "-m", "dsv4_jax.cli", "serve", "--checkpoint", str(tiny_ckpt), "--port",
+                           "0", "--slots", "2", "--max-len", "64", "--dtype", "float32", "--model-name", "tiny"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+  try:
+    line = proc.stdout.readline()
+    assert "on http://127.0.0.1:" in line, line + proc.stderr.read()[-3000:]
+    url = line.split(" on ")[1].split()[0]
+    assert json.loads(urllib.request.urlopen(url + "/health", timeout=60).read())["status"] == "ok"
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "seed": 1}
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    r = json.loads(urllib.request.urlopen(req, timeout=120).read())
+    assert r["object"] == "chat.completion" and r["usage"]["completion_tokens"] <= 3
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "stopped" in proc.stdout.read()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+    proc.stdout.close()
+    proc.stderr.close()

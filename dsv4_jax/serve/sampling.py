@@ -25,3 +25,31 @@ def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int = 0, top_p: f
     cutoff_B1 = jnp.take_along_axis(sorted_BV, cutoff_idx_B1, axis=-1)
     logits_BV = jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
+
+
+@jax.jit
+def sample_rows(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B):
+  """One token per row [B] int32, each row with its own sampling parameters (the engine's batched sampler).
+
+  Row b draws with key fold_in(key(seeds_B[b]), positions_B[b]), so a request's samples depend only on its own
+  seed and the index of the token it generates, not on the batch around it. Same rules as `sample` per row
+  (temperature 0 = greedy; top_k 0 = off; top_p 1 = off; top-k is applied before top-p).
+  """
+  def one(logits_V, seed, position, temperature, top_k, top_p):
+    logits_V = logits_V.astype(jnp.float32)
+    greedy = jnp.argmax(logits_V).astype(jnp.int32)
+    x_V = logits_V / jnp.where(temperature > 0, temperature, 1.0)
+    sorted_V = jnp.sort(x_V)[::-1]
+    kth = sorted_V[jnp.clip(top_k - 1, 0, x_V.shape[0] - 1)]
+    x_V = jnp.where((top_k > 0) & (x_V < kth), -jnp.inf, x_V)
+    sorted_V = jnp.sort(x_V)[::-1]
+    cum_V = jnp.cumsum(jax.nn.softmax(sorted_V))
+    cutoff = sorted_V[jnp.minimum(jnp.sum(cum_V < top_p), x_V.shape[0] - 1)]
+    x_V = jnp.where((top_p < 1) & (x_V < cutoff), -jnp.inf, x_V)
+    key = jax.random.fold_in(jax.random.key(seed), position)
+    drawn = jax.random.categorical(key, x_V).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.vmap(one)(logits_BV, jnp.asarray(seeds_B, jnp.uint32), jnp.asarray(positions_B, jnp.int32),
+                       jnp.asarray(temperature_B, jnp.float32), jnp.asarray(top_k_B, jnp.int32),
+                       jnp.asarray(top_p_B, jnp.float32))

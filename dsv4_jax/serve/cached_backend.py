@@ -1,0 +1,107 @@
+"""The engine backend over the model's KV cache: a prompt is prefilled into its slot once, then each step feeds
+one token per running slot.
+
+Uses the model's cached steps (`model.init_cache(batch, max_len, kv_format=...)`, `model.prefill(tokens, cache,
+lengths, slots=...)`, `model.decode(tokens_B1, cache, active=...)`), jitted here with the cache donated.
+Freeing a slot for the next request needs the cache's per-slot release operation, looked up as `release_slot` /
+`reset_slot` (cache, slot) -> cache in dsv4_jax.serve.steps or dsv4_jax.model.cache.
+
+PENDING: the cache and its per-slot operations were being built alongside this file; `release_op()` returns None
+until the release operation exists, and `make_backend("auto")` then keeps to the full-forward backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+RELEASE_OP_PLACES = ("dsv4_jax.serve.steps", "dsv4_jax.model.cache")
+RELEASE_OP_NAMES = ("release_slot", "reset_slot")
+
+
+def release_op():
+  """The cache's per-slot release function (cache, slot) -> cache, or None while it does not exist."""
+  for place in RELEASE_OP_PLACES:
+    try:
+      module = importlib.import_module(place)
+    except ImportError:
+      continue
+    for name in RELEASE_OP_NAMES:
+      if callable(getattr(module, name, None)):
+        return getattr(module, name)
+  return None
+
+
+class CachedBackend:
+  """Slots are the rows of one batched cache. Prompts are right-padded to a multiple of `bucket` (one compile per
+  bucket); decode always steps the whole batch with the free rows inactive (one compile)."""
+
+  def __init__(self, model, num_slots: int, max_len: int | None = None, *, kv_format: str | None = None,
+               bucket: int = 64, release=None):
+    if not hasattr(model, "init_cache"):
+      raise NotImplementedError("this model has no KV cache (init_cache); use the full-forward backend")
+    limit = model.cfg.max_position_embeddings
+    max_len = limit if max_len is None else max_len
+    if num_slots < 1 or not 1 < max_len <= limit:
+      raise ValueError(f"need num_slots >= 1 and max_len in [2, {limit}], got {num_slots}, {max_len}")
+    self.num_slots, self.max_len, self.vocab_size, self.bucket = num_slots, max_len, model.cfg.vocab_size, bucket
+    self._release = release or release_op()
+    self.cache = model.init_cache(num_slots, max_len, **({} if kv_format is None else {"kv_format": kv_format}))
+    self._lengths: list[int | None] = [None] * num_slots  # tokens in each slot; None = free
+    graphdef, self._state = nnx.split(model)
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def prefill(state, cache, tokens_1S, length_1, slot_1):
+      logits, cache = nnx.merge(graphdef, state).prefill(tokens_1S, cache, length_1, slots=slot_1)
+      return logits[0, length_1[0] - 1], cache
+
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def decode(state, cache, tokens_B1, active_B):
+      logits, cache = nnx.merge(graphdef, state).decode(tokens_B1, cache, active=active_B)
+      return logits[:, 0], cache
+
+    self._prefill, self._decode = prefill, decode
+
+  def prefill(self, slot, prompt_ids):
+    if self._lengths[slot] is not None:
+      raise RuntimeError(f"slot {slot} is in use; release it first")
+    n = len(prompt_ids)
+    if not 0 < n <= self.max_len:
+      raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.max_len}")
+    tokens = np.zeros((1, -(-n // self.bucket) * self.bucket), np.int32)
+    tokens[0, :n] = prompt_ids
+    logits, self.cache = self._prefill(self._state, self.cache, jnp.asarray(tokens), jnp.asarray([n], jnp.int32),
+                                       jnp.asarray([slot], jnp.int32))
+    self._lengths[slot] = n
+    self._check()
+    return logits
+
+  def decode(self, slots, tokens):
+    batch = np.zeros((self.num_slots, 1), np.int32)
+    active = np.zeros(self.num_slots, bool)
+    for slot, tok in zip(slots, tokens, strict=True):
+      if self._lengths[slot] is None:
+        raise RuntimeError(f"slot {slot} holds no sequence")
+      if self._lengths[slot] >= self.max_len:
+        raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
+      batch[slot, 0], active[slot] = tok, True
+    logits, self.cache = self._decode(self._state, self.cache, jnp.asarray(batch), jnp.asarray(active))
+    for slot in slots:
+      self._lengths[slot] += 1
+    self._check()
+    return logits[jnp.asarray(list(slots))]
+
+  def release(self, slot):
+    if self._release is None:
+      raise NotImplementedError("the KV cache has no per-slot release operation yet (cached_backend.release_op)")
+    self.cache = self._release(self.cache, slot)
+    self._lengths[slot] = None
+
+  def _check(self):
+    if bool(self.cache.overflow):
+      raise RuntimeError("the KV cache overflowed (out of pages or past max_len); its last writes were dropped")
