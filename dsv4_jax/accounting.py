@@ -14,7 +14,7 @@ from dsv4_jax.config import ModelConfig
 
 # DeepSeek-V3.2 at 1 token: 61 layers x (656 B MLA latent in FP8 + 132 B FP8 indexer key), spec §8.1.
 V32_BYTES_PER_TOKEN = 61 * (656 + 132)
-KV_FORMATS = ("fp8", "bf16")
+KV_FORMATS = ("fp8", "bf16", "float32")  # as dsv4_jax.model.kv_format (float32: lossless, debugging)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,17 +128,20 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 # ----- KV cache ------------------------------------------------------------------------------------------
 def kv_entry_bytes(cfg: ModelConfig, fmt: str = "fp8") -> int:
-  """Bytes of one K=V attention entry: FP8 NoPE + BF16 RoPE + one ue8m0 scale per 64 + 1 pad (= 584), or BF16."""
-  if fmt == "bf16":
-    return 2 * cfg.head_dim
+  """Bytes of one K=V attention entry: FP8 NoPE + BF16 RoPE + one ue8m0 scale per 64 + 1 pad (= 584), or the
+  plain vector in BF16 / float32."""
+  if fmt in ("bf16", "float32"):
+    return (2 if fmt == "bf16" else 4) * cfg.head_dim
   nope, rope = cfg.nope_head_dim, cfg.qk_rope_head_dim
   return nope + 2 * rope + nope // 64 + 1
 
 
 def indexer_key_bytes(cfg: ModelConfig, fmt: str = "fp8") -> int:
-  """Bytes of one compressed indexer key: MXFP4 (2 values a byte + a scale per 32, = 68) or BF16."""
+  """Bytes of one compressed indexer key: MXFP4 (2 values a byte + a scale per 32, = 68), or BF16 / float32."""
   c_i = cfg.index_head_dim
-  return 2 * c_i if fmt == "bf16" else c_i // 2 + c_i // 32
+  if fmt in ("bf16", "float32"):
+    return (2 if fmt == "bf16" else 4) * c_i
+  return c_i // 2 + c_i // 32
 
 
 @dataclasses.dataclass(frozen=True)

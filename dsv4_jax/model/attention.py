@@ -41,18 +41,10 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BSD, ctx):
     cfg = self.cfg
-    dt = x_BSD.dtype
-    B, S, _ = x_BSD.shape
+    S = x_BSD.shape[1]
     table = ctx.rope_yarn if self.ratio else ctx.rope_plain
-
-    qr_BSQ = self.q_norm(jnp.einsum("BSD,DQ->BSQ", x_BSD, self.wq_a[...].astype(dt)))
-    q_BSHC = jnp.einsum("BSQ,QHC->BSHC", qr_BSQ, self.wq_b[...].astype(dt))
-    q_BSHC = rope.rotate(rms_normalize(q_BSHC, cfg.rms_norm_eps).astype(dt), table)
-
-    kv_BSC = self.kv_norm(jnp.einsum("BSD,DC->BSC", x_BSD, self.wkv[...].astype(dt)))
-    kv_BSC = rope.rotate(kv_BSC, table)
-    if cfg.simulate_quant:
-      kv_BSC = quant_kv(kv_BSC, cfg)
+    qr_BSQ, q_BSHC = self.queries(x_BSD, table)
+    kv_BSC = self.window_kv(x_BSD, table)
     q_BSHC = checkpoint_name(q_BSHC, "attn_q")
     kv_BSC = checkpoint_name(kv_BSC, "attn_kv")
 
@@ -61,24 +53,45 @@ class Attention(nnx.Module):
     picked_BSK = scores_BSK = None
     if self.ratio:
       layout = ctx.layouts[self.ratio]
-      entries_BNC = self.compressor(x_BSD, ctx.positions_BS, layout).astype(dt)
+      entries_BNC = self.compressor(x_BSD, ctx.positions_BS, layout).astype(x_BSD.dtype)
       picked_BSK, scores_BSK = self.pick_entries(x_BSD, qr_BSQ, ctx, entries_BNC.shape[1], offset=S)
       indices_BSK = jnp.concatenate([indices_BSK, picked_BSK], axis=-1)
       keys_BTC = jnp.concatenate([kv_BSC, entries_BNC], axis=1)
 
-    o_BSHC, lse_BSH = pallas_kernels.sparse_attention(
-        q_BSHC, keys_BTC, self.attn_sink[...], indices_BSK, scale=cfg.head_dim ** -0.5,
-        implementation=cfg.attention_impl)
+    o_BSHC, lse_BSH = self.attend(q_BSHC, keys_BTC, indices_BSK)
     aux = {}
     if scores_BSK is not None and ctx.opts.indexer_loss:
       aux["indexer_kl"] = indexer_kl(q_BSHC, entries_BNC, lse_BSH, picked_BSK - S, scores_BSK,
                                      cfg.head_dim ** -0.5)
-    o_BSHC = checkpoint_name(rope.rotate(o_BSHC, table, inverse=True), "attn_out")
+    return self.output(o_BSHC, table), aux
 
-    g = cfg.o_groups
-    o_BSGI = o_BSHC.reshape(B, S, g, -1)
+  def queries(self, x_BSD, table):
+    """(q latent c_Q [B, S, q_lora] (also the indexer's input), RMS-normed RoPE'd queries [B, S, H, C])."""
+    cfg, dt = self.cfg, x_BSD.dtype
+    qr_BSQ = self.q_norm(jnp.einsum("BSD,DQ->BSQ", x_BSD, self.wq_a[...].astype(dt)))
+    q_BSHC = jnp.einsum("BSQ,QHC->BSHC", qr_BSQ, self.wq_b[...].astype(dt))
+    return qr_BSQ, rope.rotate(rms_normalize(q_BSHC, cfg.rms_norm_eps).astype(dt), table)
+
+  def window_kv(self, x_BSD, table):
+    """The raw K=V entry of every token [B, S, C]: normed, RoPE'd, FP8-rounded on the NoPE dims (QAT)."""
+    kv_BSC = self.kv_norm(jnp.einsum("BSD,DC->BSC", x_BSD, self.wkv[...].astype(x_BSD.dtype)))
+    kv_BSC = rope.rotate(kv_BSC, table)
+    return quant_kv(kv_BSC, self.cfg) if self.cfg.simulate_quant else kv_BSC
+
+  def attend(self, q_BSHC, keys_BTC, indices_BSK):
+    """One softmax (with the per-head sink) over the keys each query picked: (out [B, S, H, C], lse)."""
+    cfg = self.cfg
+    return pallas_kernels.sparse_attention(q_BSHC, keys_BTC, self.attn_sink[...], indices_BSK,
+                                           scale=cfg.head_dim ** -0.5, implementation=cfg.attention_impl)
+
+  def output(self, o_BSHC, table):
+    """Inverse RoPE at the query position, then the grouped low-rank output projection: [B, S, D]."""
+    B, S = o_BSHC.shape[:2]
+    dt = o_BSHC.dtype
+    o_BSHC = checkpoint_name(rope.rotate(o_BSHC, table, inverse=True), "attn_out")
+    o_BSGI = o_BSHC.reshape(B, S, self.cfg.o_groups, -1)
     z_BSGR = jnp.einsum("BSGI,GIR->BSGR", o_BSGI, self.wo_a[...].astype(dt))
-    return jnp.einsum("BSGR,GRD->BSD", z_BSGR, self.wo_b[...].astype(dt)), aux
+    return jnp.einsum("BSGR,GRD->BSD", z_BSGR, self.wo_b[...].astype(dt))
 
   def pick_entries(self, x_BSD, qr_BSQ, ctx, n_entries: int, offset: int):
     """Compressed entries each query attends (+offset, -1 = none) and, where the indexer chose them, their

@@ -35,6 +35,12 @@ class Indexer(nnx.Module):
       q_BSHC = quant.fp4_e2m1_qdq(quant.hadamard(q_BSHC), 32)
     return q_BSHC
 
+  def head_weights(self, x_BSD):
+    """Per-head score weights w [B, S, H], scaled by (index_head_dim · index_n_heads)^-1/2."""
+    cfg = self.cfg
+    scale = cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5
+    return jnp.einsum("BSD,DH->BSH", x_BSD, self.weights_proj[...].astype(x_BSD.dtype)) * scale
+
   def __call__(self, x_BSD, qr_BSQ, ctx, offset: int):
     """Top-k entry indices [B, S, k] (+offset; -1 where fewer than k entries are visible)."""
     return self.select(x_BSD, qr_BSQ, ctx, offset)[0]
@@ -51,8 +57,7 @@ class Indexer(nnx.Module):
     layout = ctx.layouts[4]
     q_BSHC = self.queries(qr_BSQ, ctx)
     k_BNC = self.compressor(x_BSD, ctx.positions_BS, layout)
-    scale = cfg.index_head_dim ** -0.5 * cfg.index_n_heads ** -0.5
-    w_BSH = jnp.einsum("BSD,DH->BSH", x_BSD, self.weights_proj[...].astype(x_BSD.dtype)) * scale
+    w_BSH = self.head_weights(x_BSD)
     k = min(cfg.index_topk if topk is None else topk, k_BNC.shape[1])
     return select_topk_with_scores(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, k, offset)
 

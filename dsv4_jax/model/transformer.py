@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dsv4_jax.model import cache as cache_lib
 from dsv4_jax.model.attention import Attention
 from dsv4_jax.model.common import RMSNorm, param
 from dsv4_jax.model.context import make_context
+from dsv4_jax.model.decode import cached_forward
 from dsv4_jax.model.mhc import HyperConnection, HyperHead
 from dsv4_jax.model.moe import MoE
 from dsv4_jax.model.options import INFERENCE, ForwardOptions
@@ -224,6 +226,45 @@ class DeepSeekV4(nnx.Module):
         auxes.append(jax.tree.map(lambda a: a[None], mtp_aux))
     aux = jax.tree.map(lambda *a: jnp.concatenate(a, 0), *auxes) if options.collect_aux else None
     return ModelOutput(logits=logits, mtp_logits=mtp_logits, hidden=h, aux=aux)
+
+  # ----- inference with a cache (spec §8; dsv4_jax.serve.steps has the jitted, donating wrappers) -----------
+  def init_cache(self, batch: int, max_len: int, *, kv_format: str | None = None, page_tokens: int | None = None,
+                 num_pages: int | None = None) -> cache_lib.InferenceCache:
+    """An empty InferenceCache of `batch` slots of up to `max_len` tokens (main layers; MTP not cached).
+
+    kv_format: "fp8" (spec §8.1 layout), "bf16" or "float32"; default "fp8" for a QAT model
+    (cfg.simulate_quant: its entries are already on the FP8/FP4 grids, so storing them is exact), else the
+    activation dtype's lossless format.
+    """
+    cfg = self.cfg
+    if kv_format is None:
+      kv_format = "fp8" if cfg.simulate_quant else ("bf16" if cfg.dtype == "bfloat16" else "float32")
+    return cache_lib.init_cache(cfg, self.plan, batch, max_len, kv_format=kv_format, page_tokens=page_tokens,
+                                num_pages=num_pages)
+
+  def prefill(self, tokens, cache, lengths=None, *, slots=None, max_context: int | None = None):
+    """(logits [B, S, V] float32, cache) after appending tokens [B, S] to the cached sequences.
+
+    lengths: [B] valid tokens per (right-padded) row, 0 leaves a row untouched; logits past a row's length are
+    meaningless. Call it again on the next chunk of a long prompt: chunks give the same logits and cache as one
+    call. slots: [B] cache slots the rows go to (continuous batching), default row b -> slot b.
+    max_context (static): bound on the rows' lengths after the call; reads then stop at the pages it needs
+    (see dsv4_jax.model.decode.cached_forward).
+    """
+    logits, _, cache = cached_forward(self, tokens, cache, lengths, slots, max_context)
+    return logits, cache
+
+  def decode(self, tokens, cache, *, active=None, slots=None, max_context: int | None = None):
+    """(logits [B, 1, V] float32, cache) for one new token per sequence, tokens [B, 1].
+
+    active: [B] bool, rows that step (others untouched); slots, max_context: as in prefill.
+    """
+    tokens = jnp.asarray(tokens, jnp.int32)
+    if tokens.ndim != 2 or tokens.shape[1] != 1:
+      raise ValueError(f"decode takes tokens [batch, 1], got shape {tokens.shape} (use prefill for chunks)")
+    counts = None if active is None else jnp.asarray(active, jnp.int32)
+    logits, _, cache = cached_forward(self, tokens, cache, counts, slots, max_context)
+    return logits, cache
 
   def moe_layer_flags(self, with_mtp: bool = True):
     """Static per-MoE-layer facts in aux order: (hash_routed, has_indexer) tuples of bools."""

@@ -1,0 +1,164 @@
+"""The inference cache (spec §8.2): a per-sequence state cache plus a paged pool of finished compressed entries.
+
+State cache, one row per batch slot, for every main layer:
+  * `window`: ring of the last `sliding_window` raw K=V entries (slot = position % sliding_window);
+  * `kv` / `score` (CSA, HCA; and the indexer's own compressor in CSA layers): the compressor tail, float32
+    [coff·m, coff·c] as the official `kv_state` / `score_state` (score includes `ape`): rows [0, m) hold the
+    previous block (its first half of the channels feeds the CSA overlap), rows [(coff-1)·m, coff·m) the
+    unfinished block, so state row e holds position (pos // m)·m - (coff-1)·m + e.
+Paged cache: each page covers `page_tokens` raw tokens of one sequence in every layer, i.e. page_tokens / m
+entries per CSA / HCA layer and page_tokens / 4 indexer keys per CSA layer; `page_table[b, j]` is the page
+holding tokens [j·T, (j+1)·T) of slot b (-1 = none). Pages come from a free stack, so sequences grow without
+reallocation; the pool is allocated up front (batch · ceil(max_len / T) pages unless told otherwise).
+
+Every per-layer array has a leading axis of the layer stack's repeats (the scanned parameter layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dsv4_jax.model import kv_format as kvf
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CompressorState:
+  kv: jax.Array  # [R, B, coff·m, coff·c] float32
+  score: jax.Array  # [R, B, coff·m, coff·c] float32 (gate logits + ape; -inf where empty)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerState:
+  """Per-slot state of one layer position of a stack (leading axis: repeats)."""
+  window: jax.Array  # [R, B, Wr, E] storage rows, Wr = min(sliding_window, max_len)
+  compressor: CompressorState | None  # CSA / HCA
+  index_compressor: CompressorState | None  # CSA
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerPool:
+  """Pages of finished compressed entries of one layer position (shared by all slots)."""
+  entries: jax.Array | None  # [R, num_pages, page_tokens // m, E]
+  index_keys: jax.Array | None  # [R, num_pages, page_tokens // 4, Ei]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class InferenceCache:
+  lengths: jax.Array  # [B] int32 tokens held per slot
+  page_table: jax.Array  # [B, max_pages] int32, -1 = none
+  free_pages: jax.Array  # [num_pages] int32 stack; entries [0, num_free) are free
+  num_free: jax.Array  # [] int32
+  overflow: jax.Array  # [] bool: a step ran out of pages or past max_len (its writes were dropped)
+  states: tuple  # per stack: tuple per unit position of LayerState
+  pools: tuple  # per stack: tuple per unit position of LayerPool
+  kv_format: str = dataclasses.field(metadata=dict(static=True), default="fp8")
+  page_tokens: int = dataclasses.field(metadata=dict(static=True), default=256)
+  max_len: int = dataclasses.field(metadata=dict(static=True), default=0)
+
+  @property
+  def batch(self) -> int:
+    return self.lengths.shape[0]
+
+  @property
+  def max_pages(self) -> int:
+    return self.page_table.shape[1]
+
+  @property
+  def num_pages(self) -> int:
+    return self.free_pages.shape[0]
+
+  def replace(self, **changes) -> "InferenceCache":
+    return dataclasses.replace(self, **changes)
+
+
+def _compressor_state(R: int, B: int, ratio: int, dim: int) -> CompressorState:
+  coff = 2 if ratio == 4 else 1
+  shape = (R, B, coff * ratio, coff * dim)
+  return CompressorState(jnp.zeros(shape, jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32))
+
+
+def page_unit(cfg) -> int:
+  """Tokens a page must be a multiple of: the lcm of the compression ratios (128 for V4)."""
+  ratios = [r for r in cfg.main_ratios if r]
+  return math.lcm(*ratios) if ratios else 1
+
+
+def init_cache(cfg, plan, batch: int, max_len: int, *, kv_format: str = "fp8", page_tokens: int | None = None,
+               num_pages: int | None = None) -> InferenceCache:
+  """An empty cache for `batch` slots of up to `max_len` tokens each (see the module docstring).
+
+  plan: the model's layer plan [(unit specs, repeats)]. page_tokens defaults to 256 (a multiple of every
+  ratio); num_pages to batch · ceil(max_len / page_tokens) (no slot can run out).
+  """
+  kvf.check_format(kv_format)
+  if batch < 1 or max_len < 1:
+    raise ValueError(f"batch ({batch}) and max_len ({max_len}) must be >= 1")
+  unit = page_unit(cfg)
+  page_tokens = max(256, unit) if page_tokens is None else page_tokens
+  if page_tokens < 1 or page_tokens % unit:
+    raise ValueError(f"page_tokens={page_tokens} must be a positive multiple of {unit} (lcm of the ratios)")
+  max_pages = -(-max_len // page_tokens)
+  num_pages = batch * max_pages if num_pages is None else num_pages
+  if num_pages < 1:
+    raise ValueError(f"num_pages={num_pages} must be >= 1")
+  e_width, e_dtype = kvf.entry_width(cfg, kv_format)
+  k_width, k_dtype = kvf.key_width(cfg, kv_format)
+  ring = min(cfg.sliding_window, max_len)
+  states, pools = [], []
+  for specs, R in plan:
+    st, pl = [], []
+    for spec in specs:
+      m = spec.ratio
+      st.append(LayerState(
+          window=jnp.zeros((R, batch, ring, e_width), e_dtype),
+          compressor=_compressor_state(R, batch, m, cfg.head_dim) if m else None,
+          index_compressor=_compressor_state(R, batch, 4, cfg.index_head_dim) if m == 4 else None))
+      pl.append(LayerPool(
+          entries=jnp.zeros((R, num_pages, page_tokens // m, e_width), e_dtype) if m else None,
+          index_keys=jnp.zeros((R, num_pages, page_tokens // 4, k_width), k_dtype) if m == 4 else None))
+    states.append(tuple(st))
+    pools.append(tuple(pl))
+  return InferenceCache(
+      lengths=jnp.zeros((batch,), jnp.int32), page_table=jnp.full((batch, max_pages), -1, jnp.int32),
+      free_pages=jnp.arange(num_pages, dtype=jnp.int32)[::-1], num_free=jnp.asarray(num_pages, jnp.int32),
+      overflow=jnp.asarray(False), states=tuple(states), pools=tuple(pools), kv_format=kv_format,
+      page_tokens=page_tokens, max_len=max_len)
+
+
+def allocate_pages(cache: InferenceCache, page_table_BP, new_lengths_B):
+  """Pages for rows growing to `new_lengths_B` tokens, popped from the free stack.
+
+  Returns (page_table_BP, free_pages, num_free, overflow): rows that cannot get a page (pool exhausted) or grow
+  past max_len keep -1 there (their writes are dropped) and set `overflow`.
+  """
+  T, P = cache.page_tokens, page_table_BP.shape[1]
+  held_B = jnp.sum(page_table_BP >= 0, axis=1).astype(jnp.int32)
+  want_B = jnp.minimum(-(-new_lengths_B // T), P)
+  need_B = jnp.maximum(want_B - held_B, 0)
+  start_B = jnp.cumsum(need_B) - need_B
+  j_P = jnp.arange(P, dtype=jnp.int32)
+  k_BP = start_B[:, None] + j_P[None, :] - held_B[:, None]  # rank of the page popped for slot j
+  new_BP = (j_P[None, :] >= held_B[:, None]) & (j_P[None, :] < (held_B + need_B)[:, None])
+  stack_BP = cache.num_free - 1 - k_BP
+  popped_BP = jnp.where(stack_BP >= 0, cache.free_pages[jnp.maximum(stack_BP, 0)], -1)
+  page_table_BP = jnp.where(new_BP, popped_BP, page_table_BP)
+  total = jnp.sum(need_B)
+  overflow = (total > cache.num_free) | jnp.any(new_lengths_B > cache.max_len)
+  return page_table_BP, cache.free_pages, jnp.maximum(cache.num_free - total, 0), overflow
+
+
+def select_rows(tree, slots):
+  """Per-slot state rows `slots` (axis 1 of every leaf: [R, B, ...])."""
+  return jax.tree.map(lambda a: a[:, slots], tree)
+
+
+def scatter_rows(tree, rows, slots):
+  return jax.tree.map(lambda a, r: a.at[:, slots].set(r), tree, rows)

@@ -1,0 +1,259 @@
+"""Cached forward (spec §7 "decode indexing", §8): a chunk of new tokens per sequence against an InferenceCache.
+
+One function serves prefill (a prompt or a chunk of one), decode (one token) and speculative verification
+(a few tokens): row b's tokens s < count_B[b] sit at positions lengths[b] + s. Per layer, the keys are
+[window ring (old tokens) | the chunk's own raw entries | compressed entries read back from the pages], and
+each query's indices pick the same entries as the full forward (window of the last `sliding_window` tokens,
+CSA top-k / every visible HCA entry below floor((t+1)/m)); entries finished inside the chunk are written to
+the pages first, so later queries of the chunk see them. Layer stacks are scanned with their caches in the
+carry (written in place at the layer index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dsv4_jax.model import kv_format as kvf
+from dsv4_jax.model import rope
+from dsv4_jax.model.cache import (CompressorState, InferenceCache, LayerPool, LayerState, allocate_pages,
+                                  scatter_rows, select_rows)
+from dsv4_jax.model.indexer import select_topk_with_scores
+from dsv4_jax.model.options import INFERENCE
+
+
+@dataclasses.dataclass(frozen=True)
+class StepContext:
+  """What every layer of one cached step shares (closed over by the layer scans)."""
+  tokens_BS: jax.Array
+  positions_BS: jax.Array
+  start_B: jax.Array  # tokens cached before this chunk
+  count_B: jax.Array  # valid tokens of the chunk
+  page_table_BP: jax.Array
+  rope_plain: tuple
+  rope_yarn: tuple
+  window_BSW: jax.Array  # indices into [ring | chunk]
+  ring_src_BW: jax.Array  # chunk row that lands in each ring slot, where ring_new_BW
+  ring_new_BW: jax.Array
+  kv_format: str
+  page_tokens: int
+  opts = INFERENCE
+
+
+@dataclasses.dataclass(frozen=True)
+class _CachedBlocks:
+  """Block visibility for the indexer's top-k over cached entries: entry i is visible to the query at
+  position t iff i < floor((t+1)/m) (passed positions where the forward passes document ids)."""
+  ratio: int
+  n: int
+
+  def visible_BCN(self, t_C, positions_BC):
+    del t_C
+    return jnp.arange(self.n, dtype=jnp.int32)[None, None, :] < ((positions_BC + 1) // self.ratio)[:, :, None]
+
+
+def make_step_context(cfg, tokens_BS, start_B, count_B, page_table_BP, ring: int, kv_format: str,
+                      page_tokens: int) -> StepContext:
+  S = tokens_BS.shape[1]
+  W = cfg.sliding_window
+  positions_BS = start_B[:, None] + jnp.arange(S, dtype=jnp.int32)
+  j_BSW = positions_BS[:, :, None] - W + 1 + jnp.arange(W, dtype=jnp.int32)
+  start_B11 = start_B[:, None, None]
+  window_BSW = jnp.where(j_BSW < 0, -1, jnp.where(j_BSW < start_B11, j_BSW % W, ring + j_BSW - start_B11))
+  last_B1 = (start_B + count_B - 1)[:, None]
+  slot_W = jnp.arange(ring, dtype=jnp.int32)
+  newest_BW = last_B1 - (last_B1 - slot_W[None, :]) % W  # latest position held by each ring slot
+  return StepContext(
+      tokens_BS=tokens_BS, positions_BS=positions_BS, start_B=start_B, count_B=count_B,
+      page_table_BP=page_table_BP,
+      rope_plain=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=False)),
+      rope_yarn=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=True)),
+      window_BSW=window_BSW.astype(jnp.int32), ring_src_BW=jnp.maximum(newest_BW - start_B[:, None], 0),
+      ring_new_BW=newest_BW >= start_B[:, None], kv_format=kv_format, page_tokens=page_tokens)
+
+
+# ----- pages ---------------------------------------------------------------------------------------------
+def _locate(sc: StepContext, entry_BX, per_page: int):
+  """(page id, row in page) of entry indices [B, ...] of each row's sequence (page -1 where none)."""
+  P = sc.page_table_BP.shape[1]
+  flat = entry_BX.reshape(entry_BX.shape[0], -1)
+  page = jnp.take_along_axis(sc.page_table_BP, jnp.clip(flat // per_page, 0, P - 1), axis=1)
+  page = jnp.where(flat // per_page < P, page, -1)
+  return page.reshape(entry_BX.shape), entry_BX % per_page
+
+
+def write_entries(pool_R, r, sc: StepContext, rows_BNE, entry_BN, valid_BN):
+  """pool[r] at the pages of entries `entry_BN` <- rows (invalid ones and missing pages dropped)."""
+  page_BN, off_BN = _locate(sc, entry_BN, pool_R.shape[2])
+  page_BN = jnp.where(valid_BN & (page_BN >= 0), page_BN, pool_R.shape[1])
+  return pool_R.at[r, page_BN, off_BN].set(rows_BNE.astype(pool_R.dtype), mode="drop")
+
+
+def read_all(pool_R, r, sc: StepContext):
+  """Every entry slot of each row's pages (the step's span), in entry order: [B, pages · per_page, E]."""
+  rows = pool_R[r, jnp.maximum(sc.page_table_BP, 0)]
+  return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+
+def read_entries(pool_R, r, sc: StepContext, entry_BX):
+  page, off = _locate(sc, jnp.maximum(entry_BX, 0), pool_R.shape[2])
+  return pool_R[r, jnp.maximum(page, 0), off]
+
+
+# ----- one layer -----------------------------------------------------------------------------------------
+def attention_step(attn, x_BSD, sc: StepContext, state: LayerState, pool: LayerPool, r):
+  """Cached Attention.__call__: (out [B, S, D], new LayerState of this layer, new LayerPool)."""
+  cfg, fmt, dt = attn.cfg, sc.kv_format, x_BSD.dtype
+  B, S = x_BSD.shape[:2]
+  c, rd = cfg.head_dim, cfg.qk_rope_head_dim
+  unpack = lambda rows: kvf.unpack_entries(rows, c, rd, fmt, dt)
+  table = sc.rope_yarn if attn.ratio else sc.rope_plain
+  qr_BSQ, q_BSHC = attn.queries(x_BSD, table)
+  kv_BSC = attn.window_kv(x_BSD, table)
+
+  ring_BWE = state.window
+  chunk_BSE = kvf.pack_entries(kv_BSC, rd, fmt)
+  landed = jnp.take_along_axis(chunk_BSE, sc.ring_src_BW[:, :, None], axis=1)
+  new_state = dataclasses.replace(state, window=jnp.where(sc.ring_new_BW[:, :, None], landed, ring_BWE))
+  keys = [unpack(ring_BWE), kv_BSC]
+  indices = [sc.window_BSW]
+  offset = ring_BWE.shape[1] + S
+
+  if attn.ratio:
+    m = attn.ratio
+    comp = state.compressor
+    entries_BNC, block_BN, valid_BN, kv_st, score_st = attn.compressor.extend(
+        x_BSD, comp.kv, comp.score, sc.start_B, sc.count_B)
+    new_state = dataclasses.replace(new_state, compressor=CompressorState(kv_st, score_st))
+    entries_R = write_entries(pool.entries, r, sc, kvf.pack_entries(entries_BNC, rd, fmt), block_BN, valid_BN)
+    pool = dataclasses.replace(pool, entries=entries_R)
+    n_all = entries_R.shape[2] * sc.page_table_BP.shape[1]
+    if attn.indexer is None:  # HCA: every visible entry
+      i_N = jnp.arange(n_all, dtype=jnp.int32)
+      visible = _CachedBlocks(m, n_all).visible_BCN(None, sc.positions_BS)
+      keys.append(unpack(read_all(entries_R, r, sc)))
+      indices.append(jnp.where(visible, offset + i_N, -1))
+    else:
+      picks_BSK, new_state, pool = _index_step(attn.indexer, x_BSD, qr_BSQ, sc, new_state, pool, r, n_all)
+      K = picks_BSK.shape[-1]
+      if S * K < n_all:  # few queries (decode): gather just the picked entries, per query
+        keys.append(unpack(read_entries(entries_R, r, sc, picks_BSK)).reshape(B, S * K, c))
+        own_BSK = offset + (jnp.arange(S, dtype=jnp.int32)[:, None] * K + jnp.arange(K, dtype=jnp.int32))
+        indices.append(jnp.where(picks_BSK >= 0, own_BSK[None], -1))
+      else:
+        keys.append(unpack(read_all(entries_R, r, sc)))
+        indices.append(jnp.where(picks_BSK >= 0, offset + picks_BSK, -1))
+
+  o_BSHC, _ = attn.attend(q_BSHC, jnp.concatenate(keys, axis=1), jnp.concatenate(indices, axis=-1))
+  return attn.output(o_BSHC, table), new_state, pool
+
+
+def _index_step(indexer, x_BSD, qr_BSQ, sc, state: LayerState, pool: LayerPool, r, n_all: int):
+  """Indexer keys of the chunk into the pages, then the top-k visible cached entries per query [B, S, k]."""
+  cfg, fmt = indexer.cfg, sc.kv_format
+  comp = state.index_compressor
+  keys_BNC, block_BN, valid_BN, kv_st, score_st = indexer.compressor.extend(
+      x_BSD, comp.kv, comp.score, sc.start_B, sc.count_B)
+  state = dataclasses.replace(state, index_compressor=CompressorState(kv_st, score_st))
+  keys_R = write_entries(pool.index_keys, r, sc, kvf.pack_keys(keys_BNC, fmt), block_BN, valid_BN)
+  pool = dataclasses.replace(pool, index_keys=keys_R)
+  k_BNC = kvf.unpack_keys(read_all(keys_R, r, sc), cfg.index_head_dim, fmt, x_BSD.dtype)
+  q_BSHC = indexer.queries(qr_BSQ, sc)
+  k = min(cfg.index_topk, n_all)
+  picks_BSK, _ = select_topk_with_scores(q_BSHC, k_BNC, indexer.head_weights(x_BSD), _CachedBlocks(4, n_all),
+                                         sc.positions_BS, k, offset=0)
+  return picks_BSK, state, pool
+
+
+def block_step(block, h_BSND, sc: StepContext, state: LayerState, pool: LayerPool, r):
+  """Cached Block.__call__ (inference: no aux)."""
+  x, post, comb = block.attn_hc.pre(h_BSND)
+  y, state, pool = attention_step(block.attn, block.attn_norm(x), sc, state, pool, r)
+  h_BSND = block.attn_hc.post(y, h_BSND, post, comb)
+  x, post, comb = block.ffn_hc.pre(h_BSND)
+  y, _ = block.ffn(block.ffn_norm(x), sc.tokens_BS)
+  return block.ffn_hc.post(y, h_BSND, post, comb), state, pool
+
+
+def stack_step(stack, h, sc: StepContext, states: tuple, pools: tuple):
+  """A LayerStack over its stacked caches: lax.scan over repeats, caches in the carry (in-place updates)."""
+  graphdef, params = nnx.split(stack.units)
+
+  def body(carry, xs):
+    h, states, pools = carry
+    unit_params, r = xs
+    unit = nnx.merge(graphdef, unit_params)
+    states, pools = list(states), list(pools)
+    for p, block in enumerate(unit.blocks):
+      layer_state = jax.tree.map(lambda a: a[r], states[p])
+      h, layer_state, pools[p] = block_step(block, h, sc, layer_state, pools[p], r)
+      states[p] = jax.tree.map(lambda a, v: a.at[r].set(v), states[p], layer_state)
+    return (h, tuple(states), tuple(pools)), None
+
+  (h, states, pools), _ = jax.lax.scan(body, (h, states, pools),
+                                       (params, jnp.arange(stack.repeats, dtype=jnp.int32)))
+  return h, states, pools
+
+
+# ----- the model -----------------------------------------------------------------------------------------
+def cached_forward(model, tokens, cache: InferenceCache, counts=None, slots=None, max_context: int | None = None):
+  """(logits [B, S, V] float32, streams [B, S, hc, d], updated cache) for a chunk of tokens [B, S].
+
+  counts: [B] valid tokens per row (default S; 0 = row untouched); rows are right-padded and their logits
+  past the count are meaningless. slots: [B] cache slots the rows go to (default: row b is slot b, and B must
+  equal the cache's batch). max_context (static): a bound on every row's length after the step; the compressed
+  entries are then read from the first ceil(max_context / page_tokens) pages only, not the whole page table
+  (compile once per bucket of it); a row past it is not served and sets `overflow`.
+  """
+  cfg = model.cfg
+  tokens_BS = jnp.asarray(tokens, jnp.int32)
+  if tokens_BS.ndim != 2:
+    raise ValueError(f"tokens must be [batch, seq] int32, got shape {tokens_BS.shape}")
+  B, S = tokens_BS.shape
+  if slots is None and B != cache.batch:
+    raise ValueError(f"tokens have {B} rows but the cache has {cache.batch} slots; pass slots=[...] for a subset")
+  if slots is not None and jnp.shape(slots) != (B,):
+    raise ValueError(f"slots must be [{B}] (one cache slot per token row), got shape {jnp.shape(slots)}")
+  count_B = jnp.full((B,), S, jnp.int32) if counts is None else jnp.clip(jnp.asarray(counts, jnp.int32), 0, S)
+  if count_B.shape != (B,):
+    raise ValueError(f"counts/lengths must be [{B}], got shape {count_B.shape}")
+
+  if slots is None:
+    start_B, page_table, states = cache.lengths, cache.page_table, cache.states
+  else:
+    slots = jnp.asarray(slots, jnp.int32)
+    start_B, page_table, states = cache.lengths[slots], cache.page_table[slots], select_rows(cache.states, slots)
+  end_B = start_B + count_B
+  page_table, free_pages, num_free, overflow = allocate_pages(cache, page_table, end_B)
+  span = cache.max_pages
+  if max_context is not None:
+    if max_context < 1:
+      raise ValueError(f"max_context={max_context} must be >= 1")
+    span = min(span, -(-max_context // cache.page_tokens))
+    overflow = overflow | jnp.any(end_B > max_context)
+  ring = states[0][0].window.shape[2]
+  sc = make_step_context(cfg, tokens_BS, start_B, count_B, page_table[:, :span], ring, cache.kv_format,
+                         cache.page_tokens)
+
+  dt = jnp.dtype(cfg.dtype)
+  x_BSD = model.embed[...][tokens_BS].astype(dt)
+  h = jnp.broadcast_to(x_BSD[:, :, None, :], (B, S, cfg.hc_mult, cfg.hidden_size))
+  new_states, new_pools = [], []
+  for stack, st, pl in zip(model.stacks, states, cache.pools):
+    h, st, pl = stack_step(stack, h, sc, st, pl)
+    new_states.append(st)
+    new_pools.append(pl)
+  logits = model.logits(model.norm(model.hc_head(h)))
+
+  common = dict(free_pages=free_pages, num_free=num_free, overflow=cache.overflow | overflow,
+                pools=tuple(new_pools))
+  if slots is None:
+    cache = cache.replace(lengths=end_B, page_table=page_table, states=tuple(new_states), **common)
+  else:
+    cache = cache.replace(lengths=cache.lengths.at[slots].set(end_B),
+                          page_table=cache.page_table.at[slots].set(page_table),
+                          states=scatter_rows(cache.states, tuple(new_states), slots), **common)
+  return logits, h, cache
