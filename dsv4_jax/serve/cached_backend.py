@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-RELEASE_OP_PLACES = ("dsv4_jax.serve.steps", "dsv4_jax.model.cache")
+RELEASE_OP_PLACES = ("dsv4_jax.serve.cache", "dsv4_jax.serve.steps", "dsv4_jax.model.cache")
 RELEASE_OP_NAMES = ("release_slot", "reset_slot")
 
 
