@@ -10,7 +10,7 @@ In CI: one CSA layer (compressor, indexer, sparse attention; router with bias), 
 12.8 GiB of train state and 20.0 GiB of temporaries. XLA:TPU's code generation dominates the compile and grows with
 the number of distinct layers, not with their size: 1.5-4 minutes on 2 shared CPU cores, depending on their load.
 With DSV4_AOT_FULL=1 also a CSA and an HCA layer plus the SWA MTP layer (20.8B parameters; 26.4 GiB of state,
-49.1 GiB of temporaries per chip; ~10 minutes there).
+44.6 GiB of temporaries per chip; 4-10 minutes there).
 """
 
 from __future__ import annotations
