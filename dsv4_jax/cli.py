@@ -167,6 +167,7 @@ def parse_train_flags(flag_args: list[str]):
   from absl import flags
   from ml_collections import config_flags
   fv = flags.FlagValues()
+  model_overrides, flag_args = _split_model_overrides(flag_args)
   argv = ["dsv4 train"] + list(flag_args)
   # sys_argv: config_flags reads the --config.X overrides from sys.argv unless told otherwise.
   config_flags.DEFINE_config_file("config", None, "the run's ml_collections config file", flag_values=fv,
@@ -193,7 +194,44 @@ def parse_train_flags(flag_args: list[str]):
     raise SystemExit(f"dsv4 train: error: --config {fv['config'].config_filename}: {reason}") from None
   if not fv.workdir:
     raise SystemExit("dsv4 train: error: --workdir is required")
+  if model_overrides:
+    with fv.config.unlocked():
+      for name, value in model_overrides.items():
+        fv.config.model_overrides[name] = value
   return fv.config, fv.workdir
+
+
+_MODEL_OVERRIDE = "--config.model_overrides."
+
+
+def _split_model_overrides(flag_args):
+  """`--config.model_overrides.FIELD=VALUE` flags (any ModelConfig field; config_flags cannot add keys to the
+  empty override dict) parsed as Python literals, and the remaining flags."""
+  import ast
+  import dataclasses
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  overrides, rest = {}, []
+  args = list(flag_args)
+  i = 0
+  while i < len(args):
+    arg = args[i]
+    if not arg.startswith(_MODEL_OVERRIDE):
+      rest.append(arg)
+      i += 1
+      continue
+    name, eq, text = arg[len(_MODEL_OVERRIDE):].partition("=")
+    if not eq:  # "--config.model_overrides.X VALUE"
+      if i + 1 >= len(args):
+        raise SystemExit(f"dsv4 train: error: {arg} needs a value")
+      text, i = args[i + 1], i + 1
+    if name not in fields:
+      raise SystemExit(f"dsv4 train: error: {_MODEL_OVERRIDE}{name}: ModelConfig has no field {name!r}")
+    try:
+      overrides[name] = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      overrides[name] = text  # a bare string such as bfloat16
+    i += 1
+  return overrides, rest
 
 
 def _run_train(args) -> int:

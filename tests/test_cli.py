@@ -150,3 +150,17 @@ def test_serve_subprocess_end_to_end(tiny_ckpt):
       proc.kill()
     proc.stdout.close()
     proc.stderr.close()
+
+
+def test_train_flags_accept_model_overrides(tmp_path):
+  """--config.model_overrides.FIELD=VALUE sets any ModelConfig field (as a Python literal); unknown fields exit."""
+  from dsv4_jax.cli import parse_train_flags
+  cfg, workdir = parse_train_flags(["--config", "configs/train_tiny.py", "--workdir", str(tmp_path),
+                                    "--config.model_overrides.hidden_size=96", "--config.steps=3",
+                                    "--config.model_overrides.dtype", "bfloat16",
+                                    "--config.model_overrides.compress_ratios=(0, 4, 128, 4, 0)"])
+  assert workdir == str(tmp_path) and cfg.steps == 3
+  assert dict(cfg.model_overrides) == {"hidden_size": 96, "dtype": "bfloat16", "compress_ratios": (0, 4, 128, 4, 0)}
+  with pytest.raises(SystemExit, match="ModelConfig has no field 'hiden_size'"):
+    parse_train_flags(["--config", "configs/train_tiny.py", "--workdir", str(tmp_path),
+                       "--config.model_overrides.hiden_size=96"])
