@@ -121,8 +121,12 @@ class Trainer:
     self.meta = {"model": self.mcfg.to_dict(), "train": train_config.flat(cfg)}
     latest = self.ckpt.latest_step()
     if latest is not None:  # refuse an incompatible resume before building anything
-      ckpt_lib.check_compatible(self.ckpt.read_meta(latest), self.meta,
-                                critical_train_keys=[f"{k}" for k in train_config.CRITICAL_TRAIN_KEYS])
+      try:
+        ckpt_lib.check_compatible(self.ckpt.read_meta(latest), self.meta,
+                                  critical_train_keys=list(train_config.CRITICAL_TRAIN_KEYS))
+      except ckpt_lib.IncompatibleCheckpoint:
+        self.ckpt.close()
+        raise
 
     o = cfg.optimizer
     total = cfg.steps
