@@ -125,7 +125,7 @@ def read_metrics(workdir):
 
 def restore_all(trainer, workdir):
   """{step: (state, meta)} of every checkpoint in workdir, restored onto the trainer's shardings."""
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), trainer.state)
+  abstract = loop.abstract_of(trainer.state)
   out = {}
   with ckpt_lib.Checkpointer(pathlib.Path(workdir) / "checkpoints", async_save=False) as ckpt:
     for step in ckpt.all_steps():

@@ -56,6 +56,11 @@ def model_config_for(cfg, tok) -> ModelConfig:
   return mcfg
 
 
+def abstract_of(state):
+  """ShapeDtypeStructs carrying each array's sharding: the restore target for a state like `state`."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+
 def optimizer_state_shardings(abstract_opt_state, params, default):
   """Each optimizer-state leaf takes the sharding of the parameter it mirrors (same key-path suffix and
   shape: momenta, Adam moments); counters and anything else get `default`."""
@@ -172,7 +177,7 @@ class Trainer:
                                rng=put(jax.random.key_data(jax.random.key(self.cfg.seed))))
 
   def _restore(self, step: int) -> None:
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.state)
+    abstract = abstract_of(self.state)
     self.state, data_state, meta = self.ckpt.restore(step, abstract_state=abstract)
     self.it.set_state(data_state)
     self.step = int(self.state.step)
@@ -276,7 +281,7 @@ class Trainer:
     elif self.ckpt.latest_step() is not None and self.ckpt.latest_step() <= self.step - sc.rollback_distance:
       to_step = self.ckpt.latest_step()
       self.state = new_state
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), new_state)
+      abstract = abstract_of(new_state)
       self.state, _, meta = self.ckpt.restore(to_step, abstract_state=abstract)
       self.detector.load_state_dict(meta["stability"]["detector"])
       source = "checkpoint"

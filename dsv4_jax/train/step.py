@@ -192,14 +192,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, scfg: StepConfig
   return step_fn
 
 
-def make_eval_step(graphdef, with_mtp: bool = True):
+def make_eval_step(graphdef):
   """fn(params, buffers, batch) -> (ce_sum, ce_count): next-token CE on a batch, inference options."""
   def eval_fn(params, buffers, batch):
     model = nnx.merge(graphdef, params, buffers)
     out = model(batch["tokens"], batch["segment_ids"], batch["positions"], with_mtp=False)
     targets, mask = losses.shifted_targets(batch["tokens"], batch["segment_ids"], 1)
     return losses.cross_entropy(out.logits, targets, mask)
-  del with_mtp
   return eval_fn
 
 
