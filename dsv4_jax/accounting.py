@@ -232,3 +232,189 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, with_mtp: bool = True)
         attn += 2 * cfg.index_n_heads * cfg.index_head_dim * visible
     attn += 4 * cfg.num_attention_heads * cfg.head_dim * keys
   return 3.0 * (2.0 * matmul + attn)
+
+
+# ----- DeepSeek-V3.2, the baseline of the published ratios -------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class V32Config:
+  """DeepSeek-V3.2(-Exp): MLA + DSA. Values of the public `inference/config_671B_v3.2.json` (HF
+  deepseek-ai/DeepSeek-V3.2-Exp); the spec gives only its KV bytes (§8.1: 656 + 132 B per token and layer)."""
+
+  vocab_size: int = 129280
+  hidden_size: int = 7168
+  num_hidden_layers: int = 61
+  first_k_dense: int = 3  # n_dense_layers: a dense SwiGLU FFN of intermediate_size
+  intermediate_size: int = 18432
+  moe_intermediate_size: int = 2048
+  n_routed_experts: int = 256
+  n_shared_experts: int = 1
+  num_experts_per_tok: int = 8
+  num_attention_heads: int = 128
+  q_lora_rank: int = 1536
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  index_n_heads: int = 64
+  index_head_dim: int = 128
+  index_topk: int = 2048
+  fp8_scale_block: int = 128  # one float32 scale per 128 FP8 values (FlashMLA latent, indexer keys)
+
+
+V32 = V32Config()
+
+
+@dataclasses.dataclass(frozen=True)
+class V32Params:
+  """V3.2 main-model parameters (MTP excluded), split by the GEMM precision of its FP8 release."""
+
+  embed: int
+  head: int  # BF16
+  fp8_layers: int  # all FP8 linear weights: MLA projections, indexer wq_b / wk, dense FFN, experts
+  bf16_layers: int  # router gates, indexer weights_proj, norms
+  routed_experts: int
+  active_routed: int
+
+  @property
+  def total(self) -> int:
+    return self.embed + self.head + self.fp8_layers + self.bf16_layers
+
+  @property
+  def active(self) -> int:
+    """Per token, excluding the input embedding (as ParamCount.active)."""
+    return self.total - self.embed - self.routed_experts + self.active_routed
+
+
+def v32_params(c: V32Config = V32) -> V32Params:
+  """Parameter counts of V3.2 from the module shapes of its `inference/model.py` (671B total, 37B active)."""
+  d, n_h, n_l = c.hidden_size, c.num_attention_heads, c.num_hidden_layers
+  qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+  mla = (d * c.q_lora_rank + c.q_lora_rank * n_h * qk + d * (c.kv_lora_rank + c.qk_rope_head_dim)
+         + c.kv_lora_rank * n_h * (c.qk_nope_head_dim + c.v_head_dim) + n_h * c.v_head_dim * d)
+  indexer = c.q_lora_rank * c.index_n_heads * c.index_head_dim + d * c.index_head_dim
+  expert = 3 * d * c.moe_intermediate_size
+  n_moe = n_l - c.first_k_dense
+  fp8 = n_l * (mla + indexer) + c.first_k_dense * 3 * d * c.intermediate_size
+  fp8 += n_moe * (c.n_routed_experts + c.n_shared_experts) * expert
+  norms = c.q_lora_rank + c.kv_lora_rank + 2 * c.index_head_dim + 2 * d  # q/kv norms, k_norm (LayerNorm), 2 RMS
+  bf16 = n_l * (d * c.index_n_heads + norms) + n_moe * (d * c.n_routed_experts + c.n_routed_experts) + d
+  return V32Params(embed=c.vocab_size * d, head=c.vocab_size * d, fp8_layers=fp8, bf16_layers=bf16,
+                   routed_experts=n_moe * c.n_routed_experts * expert,
+                   active_routed=n_moe * c.num_experts_per_tok * expert)
+
+
+def v32_kv_bytes_per_layer(c: V32Config = V32) -> tuple[int, int]:
+  """(MLA entry, indexer key) bytes per token and layer: FP8 latent + fp32 scale per 128 + BF16 rope (656),
+  FP8 key + fp32 scale per 128 (132)."""
+  latent = c.kv_lora_rank + 4 * (c.kv_lora_rank // c.fp8_scale_block) + 2 * c.qk_rope_head_dim
+  key = c.index_head_dim + 4 * (c.index_head_dim // c.fp8_scale_block)
+  return latent, key
+
+
+def kv_bytes(cfg: ModelConfig | V32Config, context: int) -> int:
+  """Production-format KV-cache bytes of one sequence at `context` tokens, for a V4 config (kv_cache(...).total,
+  fp8 format, main layers) or V3.2 (every token in every layer)."""
+  if isinstance(cfg, V32Config):
+    if context < 1:
+      raise ValueError(f"context = {context} must be >= 1")
+    return cfg.num_hidden_layers * sum(v32_kv_bytes_per_layer(cfg)) * context
+  return kv_cache(cfg, context).total
+
+
+def kv_bytes_per_token(cfg: ModelConfig | V32Config, context: int) -> float:
+  """Amortised KV bytes per token of context (kv_bytes / context)."""
+  return kv_bytes(cfg, context) / context
+
+
+# ----- single-token inference FLOPs ----------------------------------------------------------------------
+# Weight of one FLOP of each GEMM precision, in "FP8-equivalent" units (REPORT: "measured in equivalent FP8
+# FLOPs"). raw: every FLOP is one. fp8: a BF16 FLOP costs two FP8 FLOPs (half the tensor-core rate), FP4 at the
+# FP8 rate (Hopper). fp8_fp4: as fp8, and an FP4 x FP4 FLOP (V4's indexer) costs half an FP8 FLOP (Blackwell).
+FLOP_WEIGHTINGS: dict[str, dict[str, float]] = {
+  "raw": {"bf16": 1.0, "fp8": 1.0, "fp4": 1.0},
+  "fp8": {"bf16": 2.0, "fp8": 1.0, "fp4": 1.0},
+  "fp8_fp4": {"bf16": 2.0, "fp8": 1.0, "fp4": 0.5},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceFlops:
+  """FLOPs to decode one token with `context` tokens in the cache (itself included), by part and precision.
+
+  linear_fp8:  2 · active parameters of the FP8 GEMMs (attention projections, experts: V4's FP4 experts run as
+               FP8 after their lossless FP4 -> FP8 dequantisation, spec §9).
+  linear_bf16: 2 · active parameters kept in higher precision: the head, router gates, mHC mixes, compressor and
+               indexer-weight projections (counted as BF16).
+  attention:   core attention over the keys the query really attends, BF16: per head and key q·k and p·v.
+  indexer:     the indexer's q·k over every visible key (V3.2: every token, FP8; V4 CSA: every compressed
+               entry, FP4) plus its ReLU-weighted head sum.
+  keys:        attended keys per token summed over layers; index_keys likewise for the indexer.
+  Not counted: norms, softmax, RoPE, top-k selection, mHC Sinkhorn and compressor pooling (elementwise), the
+  input embedding (a lookup) and MTP.
+  """
+
+  model: str
+  context: int
+  linear_fp8: float
+  linear_bf16: float
+  attention: float
+  indexer: float
+  indexer_precision: str  # "fp8" (V3.2) | "fp4" (V4)
+  keys: int
+  index_keys: int
+
+  def total(self, weighting: str = "fp8_fp4") -> float:
+    """Weighted sum of the parts (FLOP_WEIGHTINGS)."""
+    if weighting not in FLOP_WEIGHTINGS:
+      raise ValueError(f"weighting = {weighting!r} must be one of {', '.join(FLOP_WEIGHTINGS)}")
+    w = FLOP_WEIGHTINGS[weighting]
+    return (w["fp8"] * self.linear_fp8 + w["bf16"] * (self.linear_bf16 + self.attention)
+            + w[self.indexer_precision] * self.indexer)
+
+
+def attended_keys(cfg: ModelConfig | V32Config, context: int) -> tuple[int, int]:
+  """(attention keys, indexer keys) of the token at `context`, summed over the main layers.
+
+  V4: min(context, window) raw entries, plus min(top-k, floor(context/4)) CSA or floor(context/128) HCA
+  compressed entries; the indexer scores all floor(context/4) CSA entries. V3.2: min(context, 2048) tokens; its
+  indexer scores all `context` tokens."""
+  if context < 1:
+    raise ValueError(f"context = {context} must be >= 1")
+  if isinstance(cfg, V32Config):
+    return cfg.num_hidden_layers * min(context, cfg.index_topk), cfg.num_hidden_layers * context
+  keys = index_keys = 0
+  for ratio in cfg.main_ratios:
+    keys += min(context, cfg.sliding_window)
+    if ratio == 4:
+      keys += min(cfg.index_topk, context // 4)
+      index_keys += context // 4
+    elif ratio:
+      keys += context // ratio
+  return keys, index_keys
+
+
+def inference_flops_per_token(cfg: ModelConfig | V32Config, context: int) -> InferenceFlops:
+  """Single-token decode FLOPs at `context` for a V4 config or V3.2 (see InferenceFlops for the rules)."""
+  keys, index_keys = attended_keys(cfg, context)
+  if isinstance(cfg, V32Config):
+    p = v32_params(cfg)
+    fp8 = p.fp8_layers - p.routed_experts + p.active_routed
+    # Decode runs MLA absorbed (MQA over the 512 latent + 64 rope dims): q·k over 576, p·v over 512.
+    per_key = 2 * cfg.num_attention_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    return InferenceFlops(
+      model="V3.2", context=context, linear_fp8=2.0 * fp8, linear_bf16=2.0 * (p.head + p.bf16_layers),
+      attention=float(per_key * keys), indexer=float(index_keys * cfg.index_n_heads * (2 * cfg.index_head_dim + 2)),
+      indexer_precision="fp8", keys=keys, index_keys=index_keys)
+  counts = count_params(cfg)
+  fp8 = bf16 = 0
+  for layer in counts.layers:
+    wq_b_index = cfg.q_lora_rank * cfg.index_n_heads * cfg.index_head_dim if layer.indexer else 0
+    fp8 += layer.attention + wq_b_index + layer.active_routed + layer.shared_experts
+    bf16 += layer.compressor + layer.indexer - wq_b_index + layer.router + layer.mhc + layer.norms
+  bf16 += counts.head + counts.final
+  per_key = 4 * cfg.num_attention_heads * cfg.head_dim
+  return InferenceFlops(
+    model=f"V4 ({cfg.num_hidden_layers} layers, d {cfg.hidden_size})", context=context, linear_fp8=2.0 * fp8,
+    linear_bf16=2.0 * bf16, attention=float(per_key * keys),
+    indexer=float(index_keys * cfg.index_n_heads * (2 * cfg.index_head_dim + 2)), indexer_precision="fp4",
+    keys=keys, index_keys=index_keys)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from dsv4_jax import accounting
 from dsv4_jax.accounting import V32_BYTES_PER_TOKEN, count_params, indexer_key_bytes, kv_cache, kv_entry_bytes
 from dsv4_jax.config import PRESETS, ModelConfig
 
@@ -163,3 +164,80 @@ def test_kv_include_mtp_and_errors():
     kv_cache(cfg, 10, "fp4")
   with pytest.raises(ValueError, match="context"):
     kv_cache(cfg, 0)
+
+
+# ----- V3.2 baseline and single-token inference FLOPs ----------------------------------------------------
+def test_v32_params_match_headline():
+  """V3 is 671B total / 37B activated; V3.2 adds the DSA indexer (wq_b, wk, weights_proj, k_norm) to each layer."""
+  c = accounting.V32
+  p = accounting.v32_params(c)
+  indexer = c.num_hidden_layers * (c.q_lora_rank * 64 * 128 + c.hidden_size * 128 + c.hidden_size * 64 + 2 * 128)
+  assert round((p.total - indexer) / 1e9, 2) == 671.03  # 671,026,419,200 main-model weights of V3
+  assert round((p.active - indexer) / 1e9) == 37  # 36.6B without, 37.6B with the input embedding
+  assert p.routed_experts == 58 * 256 * 3 * 7168 * 2048 and p.active_routed == 58 * 8 * 3 * 7168 * 2048
+
+
+def test_v32_kv_bytes():
+  assert accounting.v32_kv_bytes_per_layer() == (656, 132)
+  assert accounting.kv_bytes(accounting.V32, 1000) == V32_BYTES_PER_TOKEN * 1000
+  assert accounting.kv_bytes_per_token(accounting.V32, 77) == V32_BYTES_PER_TOKEN
+  pro = ModelConfig.preset("pro")
+  assert accounting.kv_bytes(pro, MILLION) == kv_cache(pro, MILLION).total
+  assert round(accounting.kv_bytes_per_token(pro, MILLION)) == round(kv_cache(pro, MILLION).per_token)
+  with pytest.raises(ValueError, match="context"):
+    accounting.kv_bytes(accounting.V32, 0)
+
+
+@pytest.mark.parametrize("context", [1, 64, 65, 700])
+def test_attended_keys_match_the_model_index_sets(context):
+  """Keys of the last query, counted from the model's own window indices and block layouts (context.py)."""
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  from dsv4_jax.model.context import block_layout, window_indices  # noqa: PLC0415
+
+  cfg = ModelConfig.preset("small")
+  seg = jnp.zeros((1, context), jnp.int32)
+  pos = jnp.arange(context, dtype=jnp.int32)[None]
+  window = int(jnp.sum(window_indices(seg, cfg.sliding_window)[0, -1] >= 0))
+  visible = {r: int(jnp.sum(block_layout(pos, seg, r).visible_indices_BSN(seg, 0)[0, -1] >= 0)) for r in (4, 128)}
+  keys = sum(window + (min(cfg.index_topk, visible[r]) if r == 4 else visible[r] if r else 0)
+             for r in cfg.main_ratios)
+  index_keys = sum(visible[4] for r in cfg.main_ratios if r == 4)
+  assert accounting.attended_keys(cfg, context) == (keys, index_keys)
+
+
+def test_inference_flops_pro_by_hand():
+  pro = ModelConfig.preset("pro")
+  f = accounting.inference_flops_per_token(pro, MILLION)
+  assert f.keys == 61 * 128 + 30 * 1024 + 31 * (MILLION // 128)
+  assert f.attention == 4 * 128 * 512 * f.keys
+  assert f.index_keys == 30 * MILLION // 4 and f.indexer == f.index_keys * 64 * (2 * 128 + 2)
+  assert f.linear_fp8 + f.linear_bf16 == 2 * count_params(pro).active
+  v = accounting.inference_flops_per_token(accounting.V32, MILLION)
+  assert v.keys == 61 * 2048 and v.attention == 61 * 2048 * 2 * 128 * (512 + 64 + 512)
+  assert v.index_keys == 61 * MILLION
+  assert v.linear_fp8 + v.linear_bf16 == 2 * accounting.v32_params().active
+  raw = f.linear_fp8 + f.linear_bf16 + f.attention + f.indexer
+  assert f.total("raw") == raw
+  assert f.total("fp8") == raw + f.linear_bf16 + f.attention
+  assert f.total("fp8_fp4") == f.total("fp8") - f.indexer / 2
+  with pytest.raises(ValueError, match="weighting"):
+    f.total("fp16")
+
+
+def test_inference_flops_reproduce_published_ratios():
+  """REPORT/CARD at 1M: Pro 27% and Flash 10% of V3.2's single-token FLOPs, in FP8-equivalent FLOPs; our
+  fp8_fp4 weighting (BF16 x2, FP4 x1/2) lands within a point, the other weightings do not."""
+  v32 = accounting.inference_flops_per_token(accounting.V32, MILLION)
+  ratio = lambda name, w: (accounting.inference_flops_per_token(ModelConfig.preset(name), MILLION).total(w)
+                           / v32.total(w))
+  assert abs(ratio("pro", "fp8_fp4") - 0.27) < 0.01 and abs(ratio("flash", "fp8_fp4") - 0.10) < 0.01
+  assert abs(ratio("pro", "fp8") - 0.27) > 0.04 and abs(ratio("flash", "raw") - 0.10) > 0.015
+
+
+def test_inference_flops_grow_with_context_and_errors():
+  for cfg in (ModelConfig.preset("flash"), accounting.V32):
+    totals = [accounting.inference_flops_per_token(cfg, c).total() for c in (1, 128, 8192, MILLION)]
+    assert totals == sorted(totals) and totals[0] < totals[-1]
+  with pytest.raises(ValueError, match="context"):
+    accounting.inference_flops_per_token(ModelConfig.preset("flash"), 0)
