@@ -1,0 +1,56 @@
+"""`indexer_topk(q, k, w, visible_end, *, topk, visible_start, implementation)`: the op's single entry point."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.indexer_topk.vjp import indexer_topk_vjp
+
+_IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
+
+
+def causal_visible_end(positions_BS, ratio: int):
+  """visible_end for compressed entries numbered from position 0: entry s (tokens [s·m, (s+1)·m)) is complete
+  by the query at position p iff s < floor((p + 1) / m)."""
+  return ((positions_BS.astype(jnp.int32) + 1) // ratio).astype(jnp.int32)
+
+
+def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, implementation: str = "auto",
+                 query_chunk: int | None = None):
+  """Lightning-indexer selection: per query, the `topk` visible compressed entries of highest
+  I[t, s] = Σ_h w[t, h] · relu(q[t, h] · k[s]), best first (ties: lower entry index first).
+
+  q [B,S,H,D], k [B,N,D] (cast to q's dtype), w [B,S,H]; entry s is visible to query t iff
+  visible_start[t] <= s < visible_end[t] (int32 [B,S]; start defaults to 0; for positions p and ratio m use
+  `causal_visible_end(p, m)`; packed documents pass their first entry as start). Returns (indices [B,S,topk]
+  int32, -1 where fewer are visible; scores [B,S,topk] float32 at those indices, -inf where -1). The scores are
+  differentiable in q, k and w (no gradient through the selection). "auto" is the TPU kernel on a TPU backend,
+  else the reference; "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for tests). `query_chunk`
+  sets the reference's queries per chunk (default: a fixed element budget).
+  """
+  if implementation not in _IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
+  if q.ndim != 4 or k.ndim != 3 or w.ndim != 3:
+    raise ValueError(f"expected q [B,S,H,D], k [B,N,D], w [B,S,H]; got q{q.shape} k{k.shape} w{w.shape}")
+  B, S, H, D = q.shape
+  if k.shape[0] != B or k.shape[2] != D:
+    raise ValueError(f"k must be [B={B}, N, D={D}], got {k.shape}")
+  if w.shape != (B, S, H):
+    raise ValueError(f"w must be [B,S,H] = {(B, S, H)}, got {w.shape}")
+  if visible_start is None:
+    visible_start = jnp.zeros((B, S), jnp.int32)
+  for name, a in (("visible_end", visible_end), ("visible_start", visible_start)):
+    if a.shape != (B, S) or not jnp.issubdtype(a.dtype, jnp.integer):
+      raise ValueError(f"{name} must be integer [B,S] = {(B, S)}, got {a.dtype}{list(a.shape)}")
+  if not isinstance(topk, int) or topk < 0:
+    raise ValueError(f"topk must be a non-negative int, got {topk!r}")
+  if implementation == "gpu":
+    raise NotImplementedError("the Mosaic GPU indexer top-k kernel is not built yet; use implementation="
+                              "'reference' (or 'auto', which picks the reference off TPU)")
+  if implementation == "auto":
+    implementation = "tpu" if jax.default_backend() == "tpu" else "reference"
+  if topk == 0 or k.shape[1] == 0:
+    return jnp.full((B, S, topk), -1, jnp.int32), jnp.full((B, S, topk), -jnp.inf, jnp.float32)
+  return indexer_topk_vjp(q, k, w, visible_start.astype(jnp.int32), visible_end.astype(jnp.int32), topk,
+                          implementation, query_chunk)

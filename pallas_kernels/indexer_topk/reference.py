@@ -1,0 +1,69 @@
+"""Lightning-indexer top-k: the definition of the op.
+
+For query t and compressed entry s visible to it (visible_start[t] <= s < visible_end[t]):
+
+  I[t, s] = Σ_h w[t, h] · relu(q[t, h] · k[s])
+
+(q·k accumulated in float32 from q's dtype, k cast to it; the weighted sum in float32). Per query, the
+`topk` visible entries of highest I, best first, ties to the lower entry index (lax.top_k's order); -1 with
+score -inf where fewer than topk are visible. Scores are assumed finite.
+
+Memory: queries go in chunks, so the scores are [chunk, N], never [S, N]; each chunk is rematerialised for the
+backward pass when this is differentiated directly.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+SCORE_BUDGET = 1 << 24  # elements of one chunk's [B, C, H, N] relu(q·k) tensor
+
+
+def index_scores(q_BCHD, k_BND, w_BCH):
+  """I [B, C, N] float32 for every (query, entry) pair of a chunk."""
+  logits_BCHN = jnp.einsum("BCHD,BND->BCHN", q_BCHD, k_BND.astype(q_BCHD.dtype),
+                           preferred_element_type=jnp.float32, precision="highest")
+  return jnp.einsum("BCHN,BCH->BCN", jax.nn.relu(logits_BCHN), w_BCH.astype(jnp.float32), precision="highest")
+
+
+def default_query_chunk(B, S, H, N, budget: int = SCORE_BUDGET):
+  return max(1, min(S, budget // max(1, B * H * N)))
+
+
+def indexer_topk_reference(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int, query_chunk: int | None = None):
+  """(indices [B, S, topk] int32, -1 = none; scores [B, S, topk] float32, -inf where -1)."""
+  B, S, H, _ = q_BSHD.shape
+  N = k_BND.shape[1]
+  k = min(topk, N)
+  if k == 0:
+    return jnp.full((B, S, topk), -1, jnp.int32), jnp.full((B, S, topk), -jnp.inf, jnp.float32)
+  n_N = jnp.arange(N, dtype=jnp.int32)
+
+  @jax.checkpoint
+  def chunk(q, w, lo_BC, hi_BC):
+    vis_BCN = (n_N >= lo_BC[..., None]) & (n_N < hi_BC[..., None])
+    scores_BCN = jnp.where(vis_BCN, index_scores(q, k_BND, w), -jnp.inf)
+    top, idx = jax.lax.top_k(scores_BCN, k)
+    chosen = jnp.take_along_axis(vis_BCN, idx, axis=-1)
+    return jnp.where(chosen, idx, -1).astype(jnp.int32), jnp.where(chosen, top, -jnp.inf)
+
+  size = query_chunk or default_query_chunk(B, S, H, N)
+  if size >= S:
+    idx, top = chunk(q_BSHD, w_BSH, start_BS, end_BS)
+  else:
+    n = -(-S // size)
+    pad = n * size - S
+
+    def split(a):
+      a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
+      return a.reshape((B, n, size) + a.shape[2:]).swapaxes(0, 1)
+
+    idx, top = jax.lax.map(lambda args: chunk(*args), (split(q_BSHD), split(w_BSH), split(start_BS),
+                                                         split(end_BS)))
+    merge = lambda a: a.swapaxes(0, 1).reshape(B, n * size, k)[:, :S]
+    idx, top = merge(idx), merge(top)
+  if k < topk:
+    idx = jnp.pad(idx, ((0, 0), (0, 0), (0, topk - k)), constant_values=-1)
+    top = jnp.pad(top, ((0, 0), (0, 0), (0, topk - k)), constant_values=-jnp.inf)
+  return idx, top
