@@ -1,0 +1,39 @@
+"""One custom_vjp for every implementation of the op.
+
+Forward: the implementation's kernel. Backward: the VJP of the pure-JAX reference (recomputed from the
+inputs; its gathers are [B, N, coff·m, coff·c], the size of the inputs), for every implementation: a Pallas
+backward is not built yet. No gradient to the slot arrays (integers).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from pallas_kernels.compress import tpu
+from pallas_kernels.compress.reference import Spec, compress_reference
+
+_FORWARD = {"reference": compress_reference, "tpu": tpu.compress_tpu}
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def compress_vjp(kv, score, ape, weight, end, has_prev, positions, spec: Spec, implementation: str):
+  """Entries [B, N, c]; `implementation` is "reference" or "tpu"."""
+  return _FORWARD[implementation](kv, score, ape, weight, end, has_prev, positions, spec)
+
+
+def _fwd(kv, score, ape, weight, end, has_prev, positions, spec, implementation):
+  out = _FORWARD[implementation](kv, score, ape, weight, end, has_prev, positions, spec)
+  return out, (kv, score, ape, weight, end, has_prev, positions)
+
+
+def _bwd(spec, implementation, residuals, d_out):
+  del implementation
+  kv, score, ape, weight, end, has_prev, positions = residuals
+  _, pullback = jax.vjp(lambda a, b, c, d: compress_reference(a, b, c, d, end, has_prev, positions, spec),
+                        kv, score, ape, weight)
+  return pullback(d_out) + (None, None, None)
+
+
+compress_vjp.defvjp(_fwd, _bwd)
