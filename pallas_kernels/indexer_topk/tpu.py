@@ -117,7 +117,16 @@ def _merge_best_first(v, i, lanes):
   return v, i
 
 
-def _kernel(first_ref, last_ref, lo_ref, hi_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, run_v, run_i):
+def _weight_column(w_QH):
+  """w [BQ, H] (heads on lanes) -> [BQ·H, 1] (one row per (query, head), as the logits' rows): each query's
+  row broadcast down H sublanes, then the diagonal picked out by a lane reduction (no transposes)."""
+  bq, H = w_QH.shape
+  rows = jnp.concatenate([jnp.broadcast_to(w_QH[r:r + 1, :], (H, H)) for r in range(bq)], axis=0)
+  diag = lax.broadcasted_iota(jnp.int32, (bq * H, H), 0) % H == lax.broadcasted_iota(jnp.int32, (bq * H, H), 1)
+  return jnp.sum(jnp.where(diag, rows, 0.0), axis=1, keepdims=True)
+
+
+def _kernel(first_ref, last_ref, lo_ref, hi_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, run_v, run_i, w_col):
   b, qb, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   blk = b * pl.num_programs(1) + qb
   _, bq, H, D = q_ref.shape
@@ -128,11 +137,12 @@ def _kernel(first_ref, last_ref, lo_ref, hi_ref, q_ref, w_ref, k_ref, idx_ref, v
   def _():
     run_v[...] = jnp.full(run_v.shape, -jnp.inf, jnp.float32)
     run_i[...] = jnp.full(run_i.shape, _NONE, jnp.int32)
+    w_col[...] = _weight_column(w_ref[0])
 
   @pl.when((kb >= first_ref[blk]) & (kb <= last_ref[blk]))
   def _():
     logits = _nt(q_ref[0].reshape(bq * H, D), k_ref[0])  # [BQ·H, BN]
-    weighted = jnp.maximum(logits, 0.0) * w_ref[0].reshape(bq * H, 1)
+    weighted = jnp.maximum(logits, 0.0) * w_col[...]
     s = jnp.sum(weighted.reshape(bq, H, BN), axis=1)  # [BQ, BN]
     n = kb * BN + lax.broadcasted_iota(jnp.int32, (bq, BN), 1)
     vis = (n >= lo_ref[0]) & (n < hi_ref[0])
@@ -168,10 +178,11 @@ def _call(first, last, lo, hi, q, w, k, *, bq, kp, interpret):
       num_scalar_prefetch=2, grid=(B, nq, Np // kp),
       in_specs=[pl.BlockSpec((1, bq, 1), row), pl.BlockSpec((1, bq, 1), row),
                 pl.BlockSpec((1, bq, Hp, Dp), lambda b, i, kb, f, l: (b, i, 0, 0)),
-                pl.BlockSpec((1, bq, Hp, 1), lambda b, i, kb, f, l: (b, i, 0, 0)),
+                pl.BlockSpec((1, bq, Hp), row),
                 pl.BlockSpec((1, kp, Dp), key_block)],
       out_specs=[pl.BlockSpec((1, bq, kp), row), pl.BlockSpec((1, bq, kp), row)],
-      scratch_shapes=[pltpu.VMEM((kp // 128, bq, 128), jnp.float32), pltpu.VMEM((kp // 128, bq, 128), jnp.int32)])
+      scratch_shapes=[pltpu.VMEM((kp // 128, bq, 128), jnp.float32), pltpu.VMEM((kp // 128, bq, 128), jnp.int32),
+                      pltpu.VMEM((bq * Hp, 1), jnp.float32)])
   return pl.pallas_call(
       _kernel, grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((B, Sp, kp), jnp.int32), jax.ShapeDtypeStruct((B, Sp, kp), jnp.float32)],
@@ -188,7 +199,7 @@ def indexer_topk_tpu(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int):
   Np = _round_up(max(N, 1), kp)
   q = _pad(q_BSHD, (B, Sp, Hp, Dp))
   k = _pad(k_BND.astype(q.dtype), (B, Np, Dp))
-  w = _pad(w_BSH.astype(jnp.float32), (B, Sp, Hp))[..., None]  # padded heads weigh 0
+  w = _pad(w_BSH.astype(jnp.float32), (B, Sp, Hp))  # padded heads weigh 0
   lo = jnp.clip(start_BS.astype(jnp.int32), 0, N)
   hi = jnp.clip(end_BS.astype(jnp.int32), 0, N)
   hi = jnp.where(hi > lo, hi, 0)
