@@ -4,7 +4,8 @@ Each op has a pure-JAX reference (the definition and the fallback) and backend k
 `implementation="auto" | "reference" | "tpu" | "gpu"`.
 """
 
+from pallas_kernels.compress import compress
 from pallas_kernels.indexer_topk import indexer_topk
 from pallas_kernels.sparse_attention import sparse_attention
 
-__all__ = ["indexer_topk", "sparse_attention"]
+__all__ = ["compress", "indexer_topk", "sparse_attention"]

@@ -2,7 +2,8 @@
 
 CSA (m = 4) overlaps: entry i pools 2m rows, the current block's tokens through the second half of the
 projected channels and the previous block's tokens through the first half. HCA (m = 128) pools its block only.
-The pooled entry is RMS-normed, RoPE'd at the block's first position (i·m), then QAT-rounded: FP8 on the NoPE
+The pooled entry is RMS-normed, RoPE'd at the block's first position (i·m) (these three steps are the
+`pallas_kernels.compress` op, implementation cfg.attention_impl), then QAT-rounded: FP8 on the NoPE
 dims for attention entries, Hadamard + FP4 on the whole vector for indexer keys. `__call__` compresses a whole
 sequence; `extend` continues from a cached tail (decode and chunked prefill), with the same arithmetic.
 """
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from dsv4_jax.model import quant, rope
 from dsv4_jax.model.common import RMSNorm, param
 from dsv4_jax.model.context import BlockLayout
@@ -31,7 +33,19 @@ class Compressor(nnx.Module):
     self.norm = RMSNorm(head_dim, cfg.rms_norm_eps, param_dtype=jnp.dtype(cfg.param_dtype), rngs=rngs)
 
   def __call__(self, x_BSD, positions_BS, layout: BlockLayout):
-    """Compressed entries [B, N, head_dim] (in the activation dtype) for the slots of `layout`."""
+    """Compressed entries [B, N, head_dim] (in the activation dtype) for the slots of `layout` (zeros in
+    unused slots). Pooling, norm and RoPE are one `pallas_kernels.compress` op (implementation: cfg.attention_impl)."""
+    cfg, m = self.cfg, self.ratio
+    if not isinstance(self.norm, RMSNorm):  # a test swapped the norm out to see the pooled vector: unfused path
+      return self._unfused(x_BSD, positions_BS, layout)
+    kv_BSC, score_BSC = self.project_raw(x_BSD)
+    entry_BNC = pallas_kernels.compress(
+        kv_BSC, score_BSC, self.ape[...], self.norm.weight[...], jnp.where(layout.valid_BN, layout.end_BN, -1),
+        layout.has_prev_BN, layout.block_BN * m, ratio=m, rope_freqs=rope.layer_frequencies(cfg, compressed=True),
+        eps=cfg.rms_norm_eps, out_dtype=x_BSD.dtype, implementation=cfg.attention_impl)
+    return self.quantize(entry_BNC)
+
+  def _unfused(self, x_BSD, positions_BS, layout: BlockLayout):
     m, c = self.ratio, self.head_dim
     kv_BSC, score_BSC = self.project(x_BSD, positions_BS)
     gather = jax.vmap(lambda a, i: a[i])  # per batch row: [S, C] x [N, m] -> [N, m, C]
@@ -47,16 +61,21 @@ class Compressor(nnx.Module):
     pooled_BNC = self.pool(cur_kv, cur_score, prev_kv, prev_score)
     return self.finish(pooled_BNC, layout.block_BN, x_BSD.dtype)
 
-  def project(self, x_BSD, positions_BS):
-    """(kv, gate score + ape) [B, S, coff·head_dim] float32 of every token."""
-    cfg, m = self.cfg, self.ratio
+  def project_raw(self, x_BSD):
+    """(kv, gate logits) [B, S, coff·head_dim] float32 of every token, before the position bias `ape`."""
+    cfg = self.cfg
     dt = jnp.float32 if cfg.fp32_matmuls else x_BSD.dtype
     x_in = x_BSD.astype(dt)
     kv_BSC = jnp.einsum("BSD,DC->BSC", x_in, self.wkv[...].astype(dt), precision="highest",
                         preferred_element_type=jnp.float32)
     score_BSC = jnp.einsum("BSD,DC->BSC", x_in, self.wgate[...].astype(dt), precision="highest",
                            preferred_element_type=jnp.float32)
-    return kv_BSC, score_BSC + self.ape[...][positions_BS % m]
+    return kv_BSC, score_BSC
+
+  def project(self, x_BSD, positions_BS):
+    """(kv, gate score + ape) [B, S, coff·head_dim] float32 of every token."""
+    kv_BSC, score_BSC = self.project_raw(x_BSD)
+    return kv_BSC, score_BSC + self.ape[...][positions_BS % self.ratio]
 
   def pool(self, cur_kv, cur_score, prev_kv=None, prev_score=None):
     """Softmax-gated sum over a block's rows [..., m, coff·c] -> [..., c]. CSA: the block's second channel
@@ -70,18 +89,20 @@ class Compressor(nnx.Module):
     return jnp.sum(kv_NRC * jax.nn.softmax(score_NRC, axis=-2), axis=-2)
 
   def finish(self, pooled_BNC, block_BN, dtype):
-    """RMSNorm, RoPE at the block's first position (block · m), QAT rounding: the stored entry."""
-    cfg = self.cfg
+    """RMSNorm, RoPE at the block's first position (block · m), QAT rounding: the stored entry (the unfused
+    path of decode's `extend`; the same arithmetic as the `compress` op)."""
     entry_BNC = self.norm(pooled_BNC.astype(dtype))
-    table = rope.rope_table(block_BN * self.ratio, rope.layer_frequencies(cfg, compressed=True))
-    entry_BNC = rope.rotate(entry_BNC, table)
-    if cfg.simulate_quant:
-      if self.for_indexer:
-        entry_BNC = quant.fp4_e2m1_qdq(quant.hadamard(entry_BNC), 32)
-      else:
-        entry_BNC = quant_kv(entry_BNC, cfg)
-    return entry_BNC
+    table = rope.rope_table(block_BN * self.ratio, rope.layer_frequencies(self.cfg, compressed=True))
+    return self.quantize(rope.rotate(entry_BNC, table))
 
+  def quantize(self, entry_BNC):
+    """QAT rounding of finished entries: FP8 NoPE dims (attention), Hadamard + FP4 (indexer keys)."""
+    cfg = self.cfg
+    if not cfg.simulate_quant:
+      return entry_BNC
+    if self.for_indexer:
+      return quant.fp4_e2m1_qdq(quant.hadamard(entry_BNC), 32)
+    return quant_kv(entry_BNC, cfg)
 
   def extend(self, x_BSD, kv_state, score_state, start_B, count_B):
     """Incremental compression (decode, chunked prefill) from the tail state of the official `kv_state` /
