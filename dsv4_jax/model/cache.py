@@ -9,7 +9,8 @@ State cache, one row per batch slot, for every main layer:
 Paged cache: each page covers `page_tokens` raw tokens of one sequence in every layer, i.e. page_tokens / m
 entries per CSA / HCA layer and page_tokens / 4 indexer keys per CSA layer; `page_table[b, j]` is the page
 holding tokens [j·T, (j+1)·T) of slot b (-1 = none). Pages come from a free stack, so sequences grow without
-reallocation; the pool is allocated up front (batch · ceil(max_len / T) pages unless told otherwise).
+reallocation; the pool is allocated up front (batch · ceil(max_len / T) pages unless told otherwise). A page
+filled to its end is never written again, so forks share such pages (page_refcounts).
 
 Every per-layer array has a leading axis of the layer stack's repeats (the scanned parameter layout).
 """
@@ -133,6 +134,28 @@ def init_cache(cfg, plan, batch: int, max_len: int, *, kv_format: str = "fp8", p
       page_tokens=page_tokens, max_len=max_len)
 
 
+class _MTPLayer:
+  """The one layer of the MTP block as a layer-plan entry (init_cache reads only `ratio`)."""
+
+  def __init__(self, ratio: int):
+    self.ratio = ratio
+
+
+def init_mtp_cache(cfg, batch: int, max_len: int, *, kv_format: str = "fp8", page_tokens: int | None = None,
+                   num_pages: int | None = None) -> InferenceCache:
+  """An empty cache for the MTP block (speculative decoding): the layout of init_cache for its one layer, one
+  stack of one repeat; position t holds the MTP input at t (main streams at t, embedding of token t+1)."""
+  if not cfg.mtp_ratios:
+    raise ValueError("the config has no MTP block (num_nextn_predict_layers = 0)")
+  ratio = cfg.mtp_ratios[0]
+  if ratio and page_tokens is not None and page_tokens % ratio:
+    raise ValueError(f"page_tokens={page_tokens} must be a multiple of the MTP layer's ratio {ratio}")
+  if ratio and page_tokens is None:
+    page_tokens = math.lcm(max(256, page_unit(cfg)), ratio)
+  return init_cache(cfg, [((_MTPLayer(ratio),), 1)], batch, max_len, kv_format=kv_format, page_tokens=page_tokens,
+                    num_pages=num_pages)
+
+
 def allocate_pages(cache: InferenceCache, page_table_BP, new_lengths_B):
   """Pages for rows growing to `new_lengths_B` tokens, popped from the free stack.
 
@@ -153,6 +176,18 @@ def allocate_pages(cache: InferenceCache, page_table_BP, new_lengths_B):
   total = jnp.sum(need_B)
   overflow = (total > cache.num_free) | jnp.any(new_lengths_B > cache.max_len)
   return page_table_BP, cache.free_pages, jnp.maximum(cache.num_free - total, 0), overflow
+
+
+def page_refcounts(cache: InferenceCache) -> jax.Array:
+  """[num_pages] int32: how many slots' page tables hold each page (0 = free).
+
+  A fork (dsv4_jax.serve.cache.fork_slot) shares the source's finished pages, so a page may be held by several
+  slots; releasing a slot frees only the pages no other slot holds. The count is derived from the page table,
+  not stored beside it, so it can never disagree with it (and steps that allocate pages need not maintain it).
+  """
+  pages = cache.page_table.reshape(-1)
+  pages = jnp.where(pages >= 0, pages, cache.num_pages)  # -1 -> past the end: dropped
+  return jnp.zeros((cache.num_pages,), jnp.int32).at[pages].add(1, mode="drop")
 
 
 def select_rows(tree, slots):

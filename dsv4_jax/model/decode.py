@@ -40,6 +40,7 @@ class StepContext:
   ring_new_BW: jax.Array
   kv_format: str
   page_tokens: int
+  candidates: bool = False  # speculative verification: layers return the state after every chunk prefix
   opts = INFERENCE
 
 
@@ -56,23 +57,29 @@ class _CachedBlocks:
 
 
 def make_step_context(cfg, tokens_BS, start_B, count_B, page_table_BP, ring: int, kv_format: str,
-                      page_tokens: int) -> StepContext:
+                      page_tokens: int, candidates: bool = False) -> StepContext:
   S = tokens_BS.shape[1]
   W = cfg.sliding_window
   positions_BS = start_B[:, None] + jnp.arange(S, dtype=jnp.int32)
   j_BSW = positions_BS[:, :, None] - W + 1 + jnp.arange(W, dtype=jnp.int32)
   start_B11 = start_B[:, None, None]
   window_BSW = jnp.where(j_BSW < 0, -1, jnp.where(j_BSW < start_B11, j_BSW % W, ring + j_BSW - start_B11))
-  last_B1 = (start_B + count_B - 1)[:, None]
-  slot_W = jnp.arange(ring, dtype=jnp.int32)
-  newest_BW = last_B1 - (last_B1 - slot_W[None, :]) % W  # latest position held by each ring slot
+  ring_src_BW, ring_new_BW = _ring_landing(start_B, count_B, ring, W)
   return StepContext(
       tokens_BS=tokens_BS, positions_BS=positions_BS, start_B=start_B, count_B=count_B,
       page_table_BP=page_table_BP,
       rope_plain=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=False)),
       rope_yarn=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=True)),
-      window_BSW=window_BSW.astype(jnp.int32), ring_src_BW=jnp.maximum(newest_BW - start_B[:, None], 0),
-      ring_new_BW=newest_BW >= start_B[:, None], kv_format=kv_format, page_tokens=page_tokens)
+      window_BSW=window_BSW.astype(jnp.int32), ring_src_BW=ring_src_BW, ring_new_BW=ring_new_BW,
+      kv_format=kv_format, page_tokens=page_tokens, candidates=candidates)
+
+
+def _ring_landing(start_B, count_B, ring: int, W: int):
+  """(chunk row landing in each ring slot [B, Wr], whether one does) after count_B tokens from start_B."""
+  last_B1 = (start_B + count_B - 1)[:, None]
+  slot_W = jnp.arange(ring, dtype=jnp.int32)
+  newest_BW = last_B1 - (last_B1 - slot_W[None, :]) % W  # latest position held by each ring slot
+  return jnp.maximum(newest_BW - start_B[:, None], 0), newest_BW >= start_B[:, None]
 
 
 # ----- pages ---------------------------------------------------------------------------------------------
@@ -147,8 +154,35 @@ def attention_step(attn, x_BSD, sc: StepContext, state: LayerState, pool: LayerP
         keys.append(unpack(read_all(entries_R, r, sc)))
         indices.append(jnp.where(picks_BSK >= 0, offset + picks_BSK, -1))
 
+  if sc.candidates:
+    new_state = _prefix_states(attn, x_BSD, sc, state, chunk_BSE)
   o_BSHC, _ = attn.attend(q_BSHC, jnp.concatenate(keys, axis=1), jnp.concatenate(indices, axis=-1))
   return attn.output(o_BSHC, table), new_state, pool
+
+
+def _prefix_states(attn, x_BSD, sc: StepContext, state: LayerState, chunk_BSE) -> LayerState:
+  """The layer's state after each prefix of the chunk, c = 1..S tokens (min(c, count) for shorter rows), from
+  the state before it: leaves [S, B, ...]. Each is what a step of exactly those tokens leaves (same ring
+  landing, same `extend` tail), so a verification step can keep any accepted prefix (see `commit`)."""
+  ring = state.window.shape[1]
+
+  def tail(compressor, st, n_B):
+    if st is None:
+      return None
+    _, _, _, kv, score = compressor.extend(x_BSD, st.kv, st.score, sc.start_B, n_B)
+    return CompressorState(kv, score)
+
+  out = []
+  for c in range(1, x_BSD.shape[1] + 1):
+    n_B = jnp.minimum(sc.count_B, c)
+    src_BW, new_BW = _ring_landing(sc.start_B, n_B, ring, attn.cfg.sliding_window)
+    landed = jnp.take_along_axis(chunk_BSE, src_BW[:, :, None], axis=1)
+    out.append(LayerState(
+        window=jnp.where(new_BW[:, :, None], landed, state.window),
+        compressor=tail(attn.compressor, state.compressor, n_B),
+        index_compressor=tail(attn.indexer.compressor if attn.indexer is not None else None,
+                              state.index_compressor, n_B)))
+  return jax.tree.map(lambda *a: jnp.stack(a), *out)
 
 
 def _index_step(indexer, x_BSD, qr_BSQ, sc, state: LayerState, pool: LayerPool, r, n_all: int):
@@ -179,37 +213,45 @@ def block_step(block, h_BSND, sc: StepContext, state: LayerState, pool: LayerPoo
 
 
 def stack_step(stack, h, sc: StepContext, states: tuple, pools: tuple):
-  """A LayerStack over its stacked caches: lax.scan over repeats, caches in the carry (in-place updates)."""
+  """A LayerStack over its stacked caches: lax.scan over repeats, caches in the carry (in-place updates).
+
+  Returns (h, states, pools, prefix_states). With sc.candidates the states stay as they were and
+  prefix_states holds, per unit position, the state after each chunk prefix [R, S, B, ...] (else ()).
+  """
   graphdef, params = nnx.split(stack.units)
 
   def body(carry, xs):
     h, states, pools = carry
     unit_params, r = xs
     unit = nnx.merge(graphdef, unit_params)
-    states, pools = list(states), list(pools)
+    states, pools, prefix = list(states), list(pools), []
     for p, block in enumerate(unit.blocks):
       layer_state = jax.tree.map(lambda a: a[r], states[p])
       h, layer_state, pools[p] = block_step(block, h, sc, layer_state, pools[p], r)
-      states[p] = jax.tree.map(lambda a, v: a.at[r].set(v), states[p], layer_state)
-    return (h, tuple(states), tuple(pools)), None
+      if sc.candidates:
+        prefix.append(layer_state)
+      else:
+        states[p] = jax.tree.map(lambda a, v: a.at[r].set(v), states[p], layer_state)
+    return (h, tuple(states), tuple(pools)), tuple(prefix)
 
-  (h, states, pools), _ = jax.lax.scan(body, (h, states, pools),
-                                       (params, jnp.arange(stack.repeats, dtype=jnp.int32)))
-  return h, states, pools
+  (h, states, pools), prefix = jax.lax.scan(body, (h, states, pools),
+                                            (params, jnp.arange(stack.repeats, dtype=jnp.int32)))
+  return h, states, pools, prefix
 
 
 # ----- the model -----------------------------------------------------------------------------------------
-def cached_forward(model, tokens, cache: InferenceCache, counts=None, slots=None, max_context: int | None = None):
-  """(logits [B, S, V] float32, streams [B, S, hc, d], updated cache) for a chunk of tokens [B, S].
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PendingChunk:
+  """A verified-but-uncommitted chunk (cached_forward(..., candidates=True)); `commit` keeps a prefix per row."""
+  prefix_states: tuple  # like cache.states, leaves [R, S, B, ...]: the state after 1..S tokens of the chunk
+  start_B: jax.Array  # [B] the rows' lengths before the chunk
+  count_B: jax.Array  # [B] valid tokens of the chunk
+  slots: jax.Array | None  # [B] cache slots of the rows (None: row b is slot b)
 
-  counts: [B] valid tokens per row (default S; 0 = row untouched); rows are right-padded and their logits
-  past the count are meaningless. slots: [B] cache slots the rows go to (default: row b is slot b, and B must
-  equal the cache's batch). max_context (static): a bound on every row's length after the step; the compressed
-  entries are then read from the first ceil(max_context / page_tokens) pages only, not the whole page table
-  (compile once per bucket of it); a row past it is not served and sets `overflow`.
-  """
-  cfg = model.cfg
-  tokens_BS = jnp.asarray(tokens, jnp.int32)
+
+def _open_step(cfg, cache: InferenceCache, tokens_BS, counts, slots, max_context, candidates=False):
+  """Checks the arguments, grows the rows' page tables: (StepContext, the rows' states, allocation tuple)."""
   if tokens_BS.ndim != 2:
     raise ValueError(f"tokens must be [batch, seq] int32, got shape {tokens_BS.shape}")
   B, S = tokens_BS.shape
@@ -224,7 +266,6 @@ def cached_forward(model, tokens, cache: InferenceCache, counts=None, slots=None
   if slots is None:
     start_B, page_table, states = cache.lengths, cache.page_table, cache.states
   else:
-    slots = jnp.asarray(slots, jnp.int32)
     start_B, page_table, states = cache.lengths[slots], cache.page_table[slots], select_rows(cache.states, slots)
   end_B = start_B + count_B
   page_table, free_pages, num_free, overflow = allocate_pages(cache, page_table, end_B)
@@ -236,24 +277,115 @@ def cached_forward(model, tokens, cache: InferenceCache, counts=None, slots=None
     overflow = overflow | jnp.any(end_B > max_context)
   ring = states[0][0].window.shape[2]
   sc = make_step_context(cfg, tokens_BS, start_B, count_B, page_table[:, :span], ring, cache.kv_format,
-                         cache.page_tokens)
+                         cache.page_tokens, candidates)
+  return sc, states, (page_table, free_pages, num_free, overflow)
 
+
+def _close_step(cache: InferenceCache, sc: StepContext, slots, states, pools, alloc) -> InferenceCache:
+  """The cache after a step: pages, page tables and free stack; lengths and states unless sc.candidates."""
+  page_table, free_pages, num_free, overflow = alloc
+  cache = cache.replace(free_pages=free_pages, num_free=num_free, overflow=cache.overflow | overflow,
+                        pools=tuple(pools))
+  end_B = sc.start_B + sc.count_B
+  if slots is None:
+    cache = cache.replace(page_table=page_table)
+    return cache if sc.candidates else cache.replace(lengths=end_B, states=tuple(states))
+  cache = cache.replace(page_table=cache.page_table.at[slots].set(page_table))
+  if sc.candidates:
+    return cache
+  return cache.replace(lengths=cache.lengths.at[slots].set(end_B),
+                       states=scatter_rows(cache.states, tuple(states), slots))
+
+
+def cached_forward(model, tokens, cache: InferenceCache, counts=None, slots=None, max_context: int | None = None,
+                   *, candidates: bool = False):
+  """(logits [B, S, V] float32, streams [B, S, hc, d], updated cache) for a chunk of tokens [B, S].
+
+  counts: [B] valid tokens per row (default S; 0 = row untouched); rows are right-padded and their logits
+  past the count are meaningless. slots: [B] cache slots the rows go to (default: row b is slot b, and B must
+  equal the cache's batch). max_context (static): a bound on every row's length after the step; the compressed
+  entries are then read from the first ceil(max_context / page_tokens) pages only, not the whole page table
+  (compile once per bucket of it); a row past it is not served and sets `overflow`.
+
+  candidates (static; speculative verification of a short chunk): returns (logits, streams, cache, pending):
+  the chunk's compressed entries are in the pages (needed by its own later queries) and the page tables have
+  grown, but lengths and per-slot states are those before the chunk; `commit(cache, pending, keep_B)` then
+  keeps the first keep_B[b] tokens of each row, exactly as a step of only those tokens would have. Costs S
+  copies of the per-slot state (ring + compressor tails), so keep S small.
+  """
+  cfg = model.cfg
+  tokens_BS = jnp.asarray(tokens, jnp.int32)
+  if slots is not None:
+    slots = jnp.asarray(slots, jnp.int32)
+  sc, states, alloc = _open_step(cfg, cache, tokens_BS, counts, slots, max_context, candidates)
+  B, S = tokens_BS.shape
   dt = jnp.dtype(cfg.dtype)
   x_BSD = model.embed[...][tokens_BS].astype(dt)
   h = jnp.broadcast_to(x_BSD[:, :, None, :], (B, S, cfg.hc_mult, cfg.hidden_size))
-  new_states, new_pools = [], []
+  new_states, new_pools, prefix = [], [], []
   for stack, st, pl in zip(model.stacks, states, cache.pools):
-    h, st, pl = stack_step(stack, h, sc, st, pl)
+    h, st, pl, pre = stack_step(stack, h, sc, st, pl)
     new_states.append(st)
     new_pools.append(pl)
+    prefix.append(pre)
   logits = model.logits(model.norm(model.hc_head(h)))
+  cache = _close_step(cache, sc, slots, new_states, new_pools, alloc)
+  if not candidates:
+    return logits, h, cache
+  return logits, h, cache, PendingChunk(tuple(prefix), sc.start_B, sc.count_B, slots)
 
-  common = dict(free_pages=free_pages, num_free=num_free, overflow=cache.overflow | overflow,
-                pools=tuple(new_pools))
+
+def commit(cache: InferenceCache, pending: PendingChunk, keep_B) -> InferenceCache:
+  """Keeps the first keep_B[b] (clipped to [0, count]) tokens of row b of a candidates-mode chunk: lengths and
+  per-slot states become those of a step of exactly these tokens; 0 leaves the row as before the chunk.
+
+  Pages: entries of blocks that only the dropped tokens finished stay written, but past the row's finished
+  entries, where nothing reads them and the step that really finishes the block overwrites them (as stale
+  entries of a recycled page are); the page table may hold one page more than the length needs, used next.
+  """
+  keep_B = jnp.clip(jnp.asarray(keep_B, jnp.int32), 0, pending.count_B)
+  B = keep_B.shape[0]
+  rows = jnp.arange(B)
+  slots = pending.slots
+  old = cache.states if slots is None else select_rows(cache.states, slots)
+
+  def pick(cand, before):  # cand [R, S, B, ...], before [R, B, ...]
+    chosen = cand[:, jnp.maximum(keep_B - 1, 0), rows]
+    return jnp.where((keep_B > 0).reshape((1, B) + (1,) * (before.ndim - 2)), chosen, before)
+
+  states = jax.tree.map(pick, pending.prefix_states, old)
+  end_B = pending.start_B + keep_B
   if slots is None:
-    cache = cache.replace(lengths=end_B, page_table=page_table, states=tuple(new_states), **common)
-  else:
-    cache = cache.replace(lengths=cache.lengths.at[slots].set(end_B),
-                          page_table=cache.page_table.at[slots].set(page_table),
-                          states=scatter_rows(cache.states, tuple(new_states), slots), **common)
-  return logits, h, cache
+    return cache.replace(lengths=end_B, states=states)
+  return cache.replace(lengths=cache.lengths.at[slots].set(end_B), states=scatter_rows(cache.states, states, slots))
+
+
+def mtp_forward(model, h_BSND, next_tokens, cache: InferenceCache, counts=None, slots=None,
+                max_context: int | None = None):
+  """Cached MTP block (spec §11): (logits [B, S, V] float32 of the token after next, updated MTP cache).
+
+  Row b's input s sits at position cache.lengths[b] + s and pairs the main model's last-layer streams there
+  (h_BSND [B, S, hc, d]) with the embedding of the token that follows it (next_tokens [B, S]): the same inputs
+  as the full forward's `mtp_logits`. `cache` is the MTP block's own (dsv4_jax.model.cache.init_mtp_cache).
+  """
+  cfg = model.cfg
+  if not len(model.mtp):
+    raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+  tokens_BS = jnp.asarray(next_tokens, jnp.int32)
+  if h_BSND.shape != tokens_BS.shape + (cfg.hc_mult, cfg.hidden_size):
+    raise ValueError(f"h_BSND must be [B, S, {cfg.hc_mult}, {cfg.hidden_size}] for next_tokens {tokens_BS.shape},"
+                     f" got {h_BSND.shape}")
+  if len(cache.states) != 1 or len(cache.states[0]) != 1:
+    raise ValueError("mtp_forward needs the MTP block's own cache (init_mtp_cache), got a main-model cache")
+  if slots is not None:
+    slots = jnp.asarray(slots, jnp.int32)
+  sc, states, alloc = _open_step(cfg, cache, tokens_BS, counts, slots, max_context)
+  mtp, dt = model.mtp[0], jnp.dtype(cfg.dtype)
+  h_BSND = h_BSND.astype(dt)
+  e = jnp.einsum("BSD,DE->BSE", mtp.enorm(model.embed[...][tokens_BS].astype(dt)), mtp.e_proj[...].astype(dt))
+  x = jnp.einsum("BSND,DE->BSNE", mtp.hnorm(h_BSND), mtp.h_proj[...].astype(dt))
+  layer_state = jax.tree.map(lambda a: a[0], states[0][0])
+  h, layer_state, pool = block_step(mtp.block, e[:, :, None, :] + x, sc, layer_state, cache.pools[0][0], 0)
+  states = ((jax.tree.map(lambda a: a[None], layer_state),),)
+  logits = model.logits(mtp.norm(mtp.hc_head(h)))
+  return logits, _close_step(cache, sc, slots, states, ((pool,),), alloc)
