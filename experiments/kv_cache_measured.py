@@ -157,7 +157,8 @@ def write_markdown(path: str, rows: list[dict], names: list[str]) -> None:
         "compressor state + metadata), as the runtime reports it. *RSS growth*: the resident memory the process "
         "gained while building the cache (after a warm-up build, so jax's first-use allocations stay out): the "
         "buffers are written (zeros, -inf) when created, so it tracks the allocated bytes to within a percent; "
-        "it can fall a little short when the allocator reuses memory freed by the previous row.", "", "Plot: [kv_cache_measured.png](kv_cache_measured.png).",
+        "it can fall a little short when the allocator reuses memory freed by the previous row.", "",
+        "Plot: [kv_cache_measured.png](kv_cache_measured.png).",
         ""]
   with open(path, "w") as f:
     f.write("\n".join(L))

@@ -7,7 +7,13 @@ import math
 import pytest
 
 from dsv4_jax import accounting
-from dsv4_jax.accounting import V32_BYTES_PER_TOKEN, count_params, indexer_key_bytes, kv_cache, kv_entry_bytes
+from dsv4_jax.accounting import (
+  V32_BYTES_PER_TOKEN,
+  count_params,
+  indexer_key_bytes,
+  kv_cache,
+  kv_entry_bytes,
+)
 from dsv4_jax.config import PRESETS, ModelConfig
 
 GiB = 2**30
