@@ -1,7 +1,8 @@
 """Lightning indexer (spec §6): picks the top-k compressed entries per query in CSA layers.
 
-I[t, s] = Σ_h w[t, h] · relu(q[t, h] · k[s]) over the entries visible to t; queries are scored in chunks so
-the [S, S/m] score matrix is never materialised whole.
+I[t, s] = Σ_h w[t, h] · relu(q[t, h] · k[s]) over the entries visible to t, through
+pallas_kernels.indexer_topk (implementation from cfg.attention_impl): the [S, S/m] score matrix is never
+materialised whole (the reference scores queries in chunks, the TPU kernel keeps a running top-k in VMEM).
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from dsv4_jax.model import quant, rope
 from dsv4_jax.model.common import param
 from dsv4_jax.model.compressor import Compressor
+from pallas_kernels.indexer_topk import causal_visible_end
+from pallas_kernels.indexer_topk import reference as indexer_topk_reference
 
 _SCORE_BUDGET = 1 << 24  # elements of one chunk's [C, H, N] relu(q·k) tensor
 
@@ -59,52 +63,61 @@ class Indexer(nnx.Module):
     k_BNC = self.compressor(x_BSD, ctx.positions_BS, layout)
     w_BSH = self.head_weights(x_BSD)
     k = min(cfg.index_topk if topk is None else topk, k_BNC.shape[1])
-    return select_topk_with_scores(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, k, offset)
+    return select_topk_with_scores(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, k, offset,
+                                   implementation(cfg))
 
 
 def index_scores(q_BCHK, k_BNK, w_BCH):
-  logits_BCHN = jnp.einsum("BCHK,BNK->BCHN", q_BCHK, k_BNK.astype(q_BCHK.dtype),
-                           preferred_element_type=jnp.float32, precision="highest")
-  return jnp.einsum("BCHN,BCH->BCN", jax.nn.relu(logits_BCHN), w_BCH.astype(jnp.float32),
-                    precision="highest")
+  """I [B, C, N] float32 for every (query, entry) pair (the op's definition, pallas_kernels.indexer_topk)."""
+  return indexer_topk_reference.index_scores(q_BCHK, k_BNK, w_BCH)
 
 
-def select_topk(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int):
+def implementation(cfg) -> str:
+  """The indexer_topk implementation for cfg.attention_impl: the same, except "gpu" (no GPU top-k kernel
+  yet), which runs the reference."""
+  return "reference" if cfg.attention_impl == "gpu" else cfg.attention_impl
+
+
+def visible_range(layout, segment_BS):
+  """(start, end) [B, S] int32: query t sees entries start[t] <= s < end[t].
+
+  A BlockLayout's visible slots (complete by t, in t's document) are a contiguous run: valid slots come first,
+  in order of their last token, and documents are contiguous runs of one segment id. So end = #valid slots
+  ending at or before t, start = #valid slots ending before t's document starts. A layout without slot ends
+  (decode's cached blocks, given positions for segment_BS) numbers entries from position 0: start 0,
+  end = floor((pos + 1) / m).
+  """
+  if not hasattr(layout, "end_BN"):
+    return jnp.zeros_like(segment_BS, jnp.int32), causal_visible_end(segment_BS, layout.ratio)
+  S = segment_BS.shape[1]
+  t_S = jnp.arange(S, dtype=jnp.int32)
+  end_BN = jnp.where(layout.valid_BN, layout.end_BN, jnp.iinfo(jnp.int32).max)
+  new_doc_BS = jnp.concatenate([jnp.ones_like(segment_BS[:, :1], bool), segment_BS[:, 1:] != segment_BS[:, :-1]],
+                               axis=1)
+  doc_start_BS = jax.lax.cummax(jnp.where(new_doc_BS, t_S[None, :], 0), axis=1)
+  count = jax.vmap(lambda ends, t, side: jnp.searchsorted(ends, t, side=side).astype(jnp.int32),
+                   in_axes=(0, 0, None))
+  return count(end_BN, doc_start_BS, "left"), count(end_BN, jnp.broadcast_to(t_S, segment_BS.shape), "right")
+
+
+def select_topk(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int, impl: str = "reference"):
   """Top-k visible entry indices per query [B, S, topk] (+offset, -1 where fewer are visible)."""
-  return select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk, offset)[0]
+  return select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk, offset, impl)[0]
 
 
-def select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int):
+def select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int, offset: int,
+                            impl: str = "reference"):
   """(indices as select_topk, the selected entries' index scores [B, S, topk] float32, -inf where -1).
 
-  The scores are differentiable in q, k and w; each chunk is rematerialised in the backward pass.
+  pallas_kernels.indexer_topk with implementation `impl`; the scores are differentiable in q, k and w (the
+  reference scores queries in chunks of at most _SCORE_BUDGET elements).
   """
   B, S, H, _ = q_BSHK.shape
   N = k_BNK.shape[1]
   if N == 0 or topk == 0:
     return jnp.full((B, S, 0), -1, jnp.int32), jnp.zeros((B, S, 0), jnp.float32)
-
-  @jax.checkpoint
-  def chunk(q, w, t_C, seg_BC):
-    vis = layout.visible_BCN(t_C, seg_BC)
-    scores = jnp.where(vis, index_scores(q, k_BNK, w), -jnp.inf)
-    top, idx = jax.lax.top_k(scores, topk)
-    chosen_visible = jnp.take_along_axis(vis, idx, axis=-1)
-    return (jnp.where(chosen_visible, idx + offset, -1).astype(jnp.int32),
-            jnp.where(chosen_visible, top, -jnp.inf))
-
-  size = max(1, min(S, _SCORE_BUDGET // max(1, B * H * N)))
-  t_S = jnp.arange(S, dtype=jnp.int32)
-  if size >= S:
-    return chunk(q_BSHK, w_BSH, t_S, segment_BS)
-  n = -(-S // size)
-  pad = n * size - S
-
-  def split(a):
-    a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
-    return a.reshape((B, n, size) + a.shape[2:]).swapaxes(0, 1)
-
-  t_NC = jnp.arange(n * size, dtype=jnp.int32).reshape(n, size)
-  idx, top = jax.lax.map(lambda args: chunk(*args), (split(q_BSHK), split(w_BSH), t_NC, split(segment_BS)))
-  merge = lambda a: a.swapaxes(0, 1).reshape(B, n * size, topk)[:, :S]
-  return merge(idx), merge(top)
+  start_BS, end_BS = visible_range(layout, segment_BS)
+  chunk = max(1, min(S, _SCORE_BUDGET // max(1, B * H * N)))
+  idx_BSK, scores_BSK = pallas_kernels.indexer_topk(q_BSHK, k_BNK, w_BSH, end_BS, visible_start=start_BS,
+                                                    topk=topk, implementation=impl, query_chunk=chunk)
+  return jnp.where(idx_BSK >= 0, idx_BSK + offset, -1).astype(jnp.int32), scores_BSK
