@@ -1,0 +1,134 @@
+"""Tests for the compress TPU kernel (TPU interpret mode on the CPU) and the op's custom_vjp: entries and
+gradients of implementation="tpu" against the reference on drawn shapes (head dims not a multiple of 128, with
+and without the overlap, packed documents that break runs of consecutive blocks), f32 and bf16; the FP8 cache
+rows of the kernel byte for byte against dsv4_jax.model.kv_format of its entries.
+
+Poisoning: the interpreter fills fresh buffers, outputs and DMA scratch included, with NaN (INTERPRET), so a
+slot the kernel fails to write, or a masked row it reads, fails the finiteness and value checks. The race
+detector watches the DMAs (the next step's rows land while this step computes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+
+import pallas_kernels
+from dsv4_jax.model import kv_format
+from pallas_kernels.compress import reference, tpu
+
+
+@pytest.fixture(autouse=True, scope="module")
+def small_steps():
+  """8 slots per grid step whatever m: several steps (the cross-step prefetch) at small S."""
+  saved = tpu.ROWS_PER_STEP
+  tpu.ROWS_PER_STEP = 8
+  yield
+  tpu.ROWS_PER_STEP = saved
+
+
+@pytest.fixture(autouse=True)
+def no_races():
+  yield
+  races = interpret_pallas_call.races
+  assert races is None or not races.races_found, "the interpreter's race detector flagged a race"
+
+
+def make_inputs(seed, B, S, c, rope, ratio, overlap, cuts, dtype):
+  rng = np.random.default_rng(seed)
+  C = 2 * c if overlap else c
+  kv = jnp.asarray(rng.standard_normal((B, S, C)), dtype)
+  score = jnp.asarray(2 * rng.standard_normal((B, S, C)), dtype)
+  ape = jnp.asarray(rng.standard_normal((ratio, C)), jnp.float32)
+  weight = jnp.asarray(1 + 0.3 * rng.standard_normal(c), jnp.float32)
+  seg = np.zeros((B, S), np.int32)
+  for t in cuts:
+    seg[0, t:] += 1  # row 0 packed, the other rows one document
+  seg = jnp.asarray(seg)
+  starts = np.concatenate([[True], np.asarray(seg[0, 1:] != seg[0, :-1])])
+  pos = np.arange(S) - np.maximum.accumulate(np.where(starts, np.arange(S), 0))
+  positions = jnp.asarray(np.broadcast_to(pos, (B, S)) + 1000 * np.arange(B)[:, None], jnp.int32)
+  slots = reference.block_slots(positions, seg, ratio)
+  freqs = 1.0 / (10000.0 ** (np.arange(0, rope, 2) / rope))
+  return (kv, score, ape, weight) + slots, freqs
+
+
+def _op(implementation, ratio, freqs, out_dtype, output="entries"):
+  return functools.partial(pallas_kernels.compress, ratio=ratio, rope_freqs=tuple(freqs), out_dtype=out_dtype,
+                           output=output, implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "ratio", "freqs", "out_dtype"))
+def value_and_grads(args, w_out, implementation, ratio, freqs, out_dtype):
+  op = _op(implementation, ratio, freqs, out_dtype)
+  loss = lambda kv, sc, ape, w: jnp.sum(op(kv, sc, ape, w, *args[4:]).astype(jnp.float32) * w_out)
+  return op(*args), jax.grad(loss, argnums=(0, 1, 2, 3))(*args[:4])
+
+
+def check(got, want, rel):
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape and np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, want, rtol=rel, atol=rel * max(np.abs(want).max(), 1e-3))
+
+
+def run_and_compare(seed, B, S, c, rope, ratio, overlap, cuts, dtype, grads=True):
+  args, freqs = make_inputs(seed, B, S, c, rope, ratio, overlap, cuts, dtype)
+  freqs = tuple(float(f) for f in np.asarray(freqs, np.float32))
+  N = args[4].shape[1]
+  w_out = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((B, N, c)), jnp.float32)
+  out, g = value_and_grads(args, w_out, "tpu", ratio, freqs, dtype)
+  want, want_g = value_and_grads(args, w_out, "reference", ratio, freqs, dtype)
+  assert out.dtype == jnp.dtype(dtype)
+  rel = 1e-5 if dtype == "float32" else 2e-2  # bf16: an entry may round to the neighbouring bf16 value
+  check(out.astype(jnp.float32), want.astype(jnp.float32), rel)
+  assert np.all(np.asarray(out)[np.asarray(args[4]) < 0] == 0)
+  if grads:
+    for a, b in zip(g, want_g):
+      check(a.astype(jnp.float32), b.astype(jnp.float32), 1e-4 if dtype == "float32" else 5e-2)
+  return args, freqs, out
+
+
+# (B, S, c, rope, ratio, overlap): c not a multiple of 128 (lane padding), rope tail inside one tile or two;
+# m = 4 with the overlap (CSA), m = 16 without (HCA-like at test size), m = 8 with the overlap.
+SHAPES = [(2, 40, 40, 8, 4, True), (1, 70, 136, 16, 4, True), (1, 100, 72, 24, 16, False), (2, 60, 64, 16, 8, True)]
+
+
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(SHAPES), dtype=st.sampled_from(["float32", "bfloat16"]),
+       cuts=st.lists(st.integers(1, 39), max_size=3, unique=True))
+def test_matches_reference(seed, shape, dtype, cuts):
+  run_and_compare(seed, *shape, cuts=cuts, dtype=dtype, grads=False)
+
+
+def test_gradients_packed_float32():
+  """Kernel forward + the shared backward equals the reference's, with documents breaking the runs."""
+  run_and_compare(1, 2, 72, 40, 8, 4, True, cuts=[5, 30, 31], dtype="float32")
+
+
+def test_gradients_bfloat16_no_overlap():
+  run_and_compare(2, 1, 100, 72, 24, 16, False, cuts=[17], dtype="bfloat16")
+
+
+def test_fp8_rows_equal_kv_format():
+  """The kernel's FP8 cache rows (c = 192: 2 NoPE blocks, 64 rope dims) are the kv_format packing of its own
+  entries, byte for byte."""
+  args, freqs = make_inputs(3, 2, 64, 192, 64, 4, True, [9, 50], "float32")
+  freqs = tuple(float(f) for f in np.asarray(freqs, np.float32))
+  entries = jax.jit(lambda a: _op("tpu", 4, freqs, jnp.bfloat16)(*a))(args)
+  rows = jax.jit(lambda a: _op("tpu", 4, freqs, jnp.bfloat16, "fp8")(*a))(args)
+  assert rows.dtype == jnp.uint8 and rows.shape == entries.shape[:2] + (reference.fp8_row_bytes(192, 64),)
+  np.testing.assert_array_equal(np.asarray(rows), np.asarray(kv_format.pack_entries(entries, 64, "fp8")))
+
+
+def test_dispatch_auto_is_reference_off_tpu():
+  args, freqs = make_inputs(4, 1, 8, 64, 16, 4, True, [], "float32")
+  auto = _op("auto", 4, freqs, jnp.float32)(*args)
+  ref = _op("reference", 4, freqs, jnp.float32)(*args)
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))
