@@ -3,6 +3,12 @@
   backend.prefill(slot, prompt_ids) -> logits [V]          the slot now holds the prompt
   backend.decode(slots, tokens)     -> logits [len(slots), V]  each slot's sequence grows by its token
   backend.release(slot)                                    the slot is free for another sequence
+  backend.fork(src, dst)                                   dst continues src's sequence (Quick Instruction)
+  backend.extend(slots, token_lists) -> logits [len(slots), V]  each slot's sequence grows by its tokens
+
+Both backends serve `serving_model(model)`: routed experts on the exact ragged path (the capacity path that
+moe_impl "auto" picks on GPU drops tokens past an expert's capacity, so a request's output would depend on
+the batch it shares a step with).
 
 FullForwardBackend runs the model's plain forward over each slot's whole sequence every step (no cache): slow,
 but exact and available for any model. CachedBackend (cached_backend.py) uses the KV cache when the model has
@@ -32,6 +38,20 @@ class Backend(Protocol):
   def release(self, slot: int) -> None: ...
 
 
+def serving_model(model):
+  """`model` with moe_impl "ragged" everywhere (exact MoE: no capacity drops); a new module object sharing the
+  parameters (the caller's model is not changed); `model` itself if it is already ragged."""
+  if model.cfg.moe_impl == "ragged":
+    return model
+  graphdef, state = nnx.split(model)
+  served = nnx.merge(graphdef, state)
+  for _, module in nnx.iter_modules(served):
+    cfg = getattr(module, "cfg", None)
+    if cfg is not None and hasattr(cfg, "moe_impl"):
+      module.cfg = cfg.replace(moe_impl="ragged")
+  return served
+
+
 class FullForwardBackend:
   """Recomputes every slot's whole sequence each step (one batched forward, rows right-padded).
 
@@ -48,7 +68,8 @@ class FullForwardBackend:
     if not 1 < max_len <= limit:
       raise ValueError(f"max_len must be in [2, {limit}] (the model's max_position_embeddings), got {max_len}")
     self.num_slots, self.max_len, self.bucket = num_slots, max_len, bucket
-    self.vocab_size = model.cfg.vocab_size
+    model = serving_model(model)
+    self.cfg, self.vocab_size = model.cfg, model.cfg.vocab_size
     self._seqs: list[list[int] | None] = [None] * num_slots
     graphdef, self._state = nnx.split(model)
     self._logits_at = _logits_at(graphdef)
@@ -73,6 +94,21 @@ class FullForwardBackend:
 
   def release(self, slot):
     self._seqs[slot] = None
+
+  def fork(self, src, dst):
+    if self._seqs[src] is None or self._seqs[dst] is not None or src == dst:
+      raise RuntimeError(f"fork: slot {src} must hold a sequence and slot {dst} must be free")
+    self._seqs[dst] = list(self._seqs[src])
+
+  def extend(self, slots, token_lists):
+    for slot, toks in zip(slots, token_lists, strict=True):
+      seq = self._seqs[slot]
+      if seq is None:
+        raise RuntimeError(f"slot {slot} holds no sequence")
+      if not toks or len(seq) + len(toks) > self.max_len:
+        raise ValueError(f"slot {slot}: cannot add {len(toks)} tokens to {len(seq)} (max_len {self.max_len})")
+      seq.extend(int(t) for t in toks)
+    return self._forward(list(slots))
 
   def _forward(self, slots):
     longest = max(len(self._seqs[s]) for s in slots)

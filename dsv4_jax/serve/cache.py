@@ -2,11 +2,16 @@
 
   cache = model.init_cache(batch, max_len, kv_format="fp8")
   cache = reset_slot(cache, slot)          # release: pages back to the free stack, state emptied
-  cache = copy_slot(cache, src, dst)       # fork (Quick Instruction): dst becomes a copy of src
+  cache = fork_slot(cache, src, dst)       # fork (Quick Instruction): dst continues src, finished pages shared
+  cache = copy_slot(cache, src, dst)       # dst becomes a copy of src on pages of its own
   cache_bytes(cache).per_token             # == accounting.kv_cache(cfg, max_len, kv_format).per_token
 
-copy_slot copies the source's pages in full (new pages, same contents); copy-on-write sharing of the finished
-pages is not implemented yet. Both are jitted with the cache donated: use only the cache they return.
+fork_slot is copy-on-write at page granularity: the pages src filled to their end are never written again (a
+sequence only writes entries of its own later tokens), so dst's page table points at the same pages; the last,
+partly filled page (the only one either sequence writes into next) is copied to a fresh page at fork time, and
+the per-slot state rows are copied. A page is shared by as many slots as hold it (model.cache.page_refcounts);
+releasing a slot returns to the free stack only the pages no other slot holds. copy_slot copies every page.
+All are jitted with the cache donated: use only the cache they return.
 """
 
 from __future__ import annotations
@@ -18,9 +23,9 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dsv4_jax.model.cache import CompressorState, InferenceCache, LayerState
+from dsv4_jax.model.cache import CompressorState, InferenceCache, LayerState, page_refcounts
 
-__all__ = ["InferenceCache", "CacheBytes", "cache_bytes", "reset_slot", "copy_slot"]
+__all__ = ["InferenceCache", "CacheBytes", "cache_bytes", "reset_slot", "copy_slot", "fork_slot", "page_refcounts"]
 
 
 def _empty_rows(states, slot):
@@ -37,11 +42,11 @@ def _empty_rows(states, slot):
 
 def _release(cache: InferenceCache, slot) -> InferenceCache:
   pages_P = cache.page_table[slot]
-  held = jnp.sum(pages_P >= 0)
-  j_P = jnp.arange(cache.max_pages, dtype=jnp.int32)
-  dest_P = jnp.where(j_P < held, cache.num_free + j_P, cache.num_pages)  # past the end: dropped
+  last_P = (pages_P >= 0) & (page_refcounts(cache)[jnp.maximum(pages_P, 0)] == 1)  # held by this slot only
+  rank_P = jnp.cumsum(last_P) - last_P
+  dest_P = jnp.where(last_P, cache.num_free + rank_P, cache.num_pages)  # past the end: dropped
   return cache.replace(
-      free_pages=cache.free_pages.at[dest_P].set(pages_P, mode="drop"), num_free=cache.num_free + held,
+      free_pages=cache.free_pages.at[dest_P].set(pages_P, mode="drop"), num_free=cache.num_free + jnp.sum(last_P),
       page_table=cache.page_table.at[slot].set(-1), lengths=cache.lengths.at[slot].set(0),
       states=_empty_rows(cache.states, slot))
 
@@ -52,11 +57,44 @@ def reset_slot(cache: InferenceCache, slot) -> InferenceCache:
   return _release(cache, slot)
 
 
+def _check_distinct(op, src, dst):
+  if isinstance(src, int) and isinstance(dst, int) and src == dst:
+    raise ValueError(f"{op}: src and dst are the same slot ({src})")
+
+
+def fork_slot(cache: InferenceCache, src, dst) -> InferenceCache:
+  """Slot `dst` (released first; must differ from `src`) continues slot `src`'s sequence: same length and state
+  rows, src's full pages shared, its partly filled last page copied to a fresh page (copy-on-write, see the
+  module docstring). Sets `overflow` (dst then has no last page: do not use it) if no page is free."""
+  _check_distinct("fork_slot", src, dst)
+  return _fork_slot(cache, src, dst)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _fork_slot(cache: InferenceCache, src, dst) -> InferenceCache:
+  cache = _release(cache, dst)
+  src_P = cache.page_table[src]
+  length = cache.lengths[src]
+  full = length // cache.page_tokens  # pages [0, full) are finished: shared
+  partial = (length % cache.page_tokens != 0) & (src_P[jnp.minimum(full, cache.max_pages - 1)] >= 0)
+  have = partial & (cache.num_free > 0)
+  new = jnp.where(have, cache.free_pages[jnp.maximum(cache.num_free - 1, 0)], -1)
+  j_P = jnp.arange(cache.max_pages, dtype=jnp.int32)
+  dst_P = jnp.where(j_P < full, src_P, jnp.where(j_P == full, new, -1))
+  target = jnp.where(have, new, cache.num_pages)  # no copy: dropped
+  last = jnp.maximum(src_P[jnp.minimum(full, cache.max_pages - 1)], 0)
+  pools = jax.tree.map(lambda pool: pool.at[:, target].set(pool[:, last], mode="drop"), cache.pools)
+  states = jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), cache.states)
+  return cache.replace(
+      pools=pools, states=states, page_table=cache.page_table.at[dst].set(dst_P),
+      lengths=cache.lengths.at[dst].set(length), num_free=cache.num_free - have.astype(jnp.int32),
+      overflow=cache.overflow | (partial & ~have))
+
+
 def copy_slot(cache: InferenceCache, src, dst) -> InferenceCache:
   """Slot `dst` (released first; must differ from `src`) becomes a full copy of slot `src`: length, state rows,
   and new pages holding the same entries. Sets `overflow` (copying what fits) if too few pages are free."""
-  if isinstance(src, int) and isinstance(dst, int) and src == dst:
-    raise ValueError(f"copy_slot: src and dst are the same slot ({src})")
+  _check_distinct("copy_slot", src, dst)
   return _copy_slot(cache, src, dst)
 
 

@@ -50,6 +50,9 @@ class CachedBackend:
     if num_slots < 1 or not 1 < max_len <= limit:
       raise ValueError(f"need num_slots >= 1 and max_len in [2, {limit}], got {num_slots}, {max_len}")
     self.num_slots, self.max_len, self.vocab_size, self.bucket = num_slots, max_len, model.cfg.vocab_size, bucket
+    from dsv4_jax.serve.backend import serving_model
+    model = serving_model(model)  # exact MoE (moe_impl "ragged")
+    self.cfg = model.cfg
     self._release = release or release_op()
     self.cache = model.init_cache(num_slots, max_len, **({} if kv_format is None else {"kv_format": kv_format}))
     self._lengths: list[int | None] = [None] * num_slots  # tokens in each slot; None = free
@@ -65,7 +68,12 @@ class CachedBackend:
       logits, cache = nnx.merge(graphdef, state).decode(tokens_B1, cache, active=active_B)
       return logits[:, 0], cache
 
-    self._prefill, self._decode = prefill, decode
+    @functools.partial(jax.jit, donate_argnums=(1,))
+    def extend(state, cache, tokens_NS, counts_N, slots_N):
+      logits, cache = nnx.merge(graphdef, state).prefill(tokens_NS, cache, counts_N, slots=slots_N)
+      return logits[jnp.arange(tokens_NS.shape[0]), counts_N - 1], cache
+
+    self._prefill, self._decode, self._extend = prefill, decode, extend
 
   def prefill(self, slot, prompt_ids):
     if self._lengths[slot] is not None:
@@ -95,6 +103,35 @@ class CachedBackend:
       self._lengths[slot] += 1
     self._check()
     return logits[jnp.asarray(list(slots))]
+
+  def fork(self, src, dst):
+    """Slot `dst` (free) continues slot `src`'s sequence, sharing its finished cache pages (serve.cache.fork_slot)."""
+    from dsv4_jax.serve.cache import fork_slot
+    if self._lengths[src] is None or self._lengths[dst] is not None or src == dst:
+      raise RuntimeError(f"fork: slot {src} must hold a sequence and slot {dst} must be free")
+    self.cache = fork_slot(self.cache, src, dst)
+    self._lengths[dst] = self._lengths[src]
+    self._check()
+
+  def extend(self, slots, token_lists):
+    """Appends token_lists[i] to slot slots[i] (one batched cached step); logits after each row's last token."""
+    n = [len(t) for t in token_lists]
+    for slot, k in zip(slots, n, strict=True):
+      if self._lengths[slot] is None:
+        raise RuntimeError(f"slot {slot} holds no sequence")
+      if k < 1 or self._lengths[slot] + k > self.max_len:
+        raise ValueError(f"slot {slot}: cannot add {k} tokens to {self._lengths[slot]} (max_len {self.max_len})")
+    width = 1 << (max(n) - 1).bit_length()  # a power of two, then multiples of the bucket: few compiles
+    width = width if width <= self.bucket else -(-max(n) // self.bucket) * self.bucket
+    tokens = np.zeros((len(slots), width), np.int32)
+    for row, toks in enumerate(token_lists):
+      tokens[row, :len(toks)] = toks
+    logits, self.cache = self._extend(self._state, self.cache, jnp.asarray(tokens), jnp.asarray(n, jnp.int32),
+                                      jnp.asarray(list(slots), jnp.int32))
+    for slot, k in zip(slots, n):
+      self._lengths[slot] += k
+    self._check()
+    return logits
 
   def release(self, slot):
     if self._release is None:

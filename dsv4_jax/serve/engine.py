@@ -6,6 +6,7 @@
   engine.run_until_idle()            # or engine.start(): a background thread steps while there is work
   for delta in h.stream(): ...       # text deltas (whole characters, stop strings never shown)
   c = h.result()                     # Completion: text, token_ids, finish_reason, usage, message (chat)
+  engine.quick_instructions(messages, ["title", "domain"])   # {task: text}, forks of one prefill (quick_instruction.py)
 
 Requests wait in a FIFO queue and take a free slot as one frees up. Each step decodes every active slot together
 (one backend call), prefills the newly admitted ones, and samples one token per request with the request's own
@@ -135,6 +136,15 @@ class _Running:
   last: int | None = None  # the sampled token not yet fed to the backend
 
 
+@dataclasses.dataclass
+class _Job:
+  fn: Callable
+  min_slots: int
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  result: object = None
+  error: BaseException | None = None
+
+
 class Engine:
   """Continuous batching over `backend` (see backend.py). Not thread-safe except `submit*`, `cancel` (on the
   handle), `start` and `shutdown`: `step` runs in one thread at a time (the background thread once started)."""
@@ -149,6 +159,7 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stopping = False
     self._ids = itertools.count()
+    self._jobs: collections.deque[_Job] = collections.deque()  # run_exclusive work, run between steps
 
   @property
   def num_slots(self) -> int:
@@ -197,7 +208,7 @@ class Engine:
   @property
   def has_work(self) -> bool:
     with self._cond:
-      return bool(self._queue or self._running)
+      return bool(self._queue or self._running or self._jobs)
 
   def run_until_idle(self) -> None:
     """Steps in the calling thread until no request is queued or running (not with the background thread)."""
@@ -208,9 +219,10 @@ class Engine:
 
   def step(self) -> None:
     """Admits queued requests into free slots, decodes every running slot, samples one token per request."""
+    self._run_jobs()
     with self._cond:
       admitted = []
-      while self._queue and self._free:
+      while self._queue and self._free and not self._jobs:  # a waiting job has the next free slots
         handle = self._queue.popleft()
         if handle.cancelled:
           handle._finish(self._empty_completion(handle, "cancelled"))
@@ -302,6 +314,45 @@ class Engine:
     return Completion(h.id, "", [], reason, None, len(h.prompt_ids), h.thinking_mode,
                       None if h.thinking_mode is None else parse_completion("", h.thinking_mode))
 
+  # ----- exclusive work between steps (Quick Instruction) -----------------------------------------------------
+  def quick_instructions(self, conversation, tasks, **kw) -> dict[str, str]:
+    """{task: answer text}: see dsv4_jax.serve.quick_instruction.run_quick_instructions."""
+    from dsv4_jax.serve.quick_instruction import run_quick_instructions
+    return run_quick_instructions(self, conversation, tasks, **kw)
+
+  def run_exclusive(self, fn: Callable[[list[int]], object], min_slots: int = 1, timeout: float | None = None):
+    """fn(free slots) with the backend to itself, between two steps (in the engine's thread once started, else
+    in this one, stepping running requests until `min_slots` slots are free; new requests wait meanwhile).
+    fn must leave those slots free again. Returns fn's result or raises its exception."""
+    if not 1 <= min_slots <= self.num_slots:
+      raise ValueError(f"min_slots = {min_slots} must be in [1, {self.num_slots}] (the engine's slots)")
+    job = _Job(fn, min_slots)
+    with self._cond:
+      if self._stopping:
+        raise EngineError("the engine is shut down")
+      self._jobs.append(job)
+      self._cond.notify_all()
+    if self._thread is None:
+      while not job.done.is_set():
+        self.step()
+    elif not job.done.wait(timeout):
+      raise TimeoutError(f"exclusive engine work did not finish within {timeout} s")
+    if job.error is not None:
+      raise job.error
+    return job.result
+
+  def _run_jobs(self) -> None:
+    while True:
+      with self._cond:
+        if not self._jobs or len(self._free) < self._jobs[0].min_slots:
+          return
+        job, free = self._jobs.popleft(), list(self._free)
+      try:
+        job.result = job.fn(free)
+      except BaseException as e:  # noqa: BLE001 - handed to the caller
+        job.error = e
+      job.done.set()
+
   # ----- background thread -----------------------------------------------------------------------------------
   def start(self) -> Engine:
     """Steps in a background thread whenever there is work (for the server)."""
@@ -313,7 +364,7 @@ class Engine:
   def _loop(self) -> None:
     while True:
       with self._cond:
-        while not self._stopping and not self._queue and not self._running:
+        while not self._stopping and not self._queue and not self._running and not self._jobs:
           self._cond.wait()
         if self._stopping:
           return
@@ -335,5 +386,10 @@ class Engine:
       waiting, self._queue = list(self._queue), collections.deque()
     for h in waiting:
       h._fail(EngineError(f"request {h.id}: the engine shut down"))
+    with self._cond:
+      jobs, self._jobs = list(self._jobs), collections.deque()
+    for job in jobs:
+      job.error = EngineError("the engine shut down")
+      job.done.set()
     for run in list(self._running.values()):
       self._abort(run, RuntimeError("the engine shut down"))

@@ -21,7 +21,8 @@ from flax import nnx
 
 
 def _jitted(model, method: str, extra: str):
-  graphdef, params = nnx.split(model)
+  from dsv4_jax.serve.backend import serving_model
+  graphdef, params = nnx.split(serving_model(model))  # exact MoE (moe_impl "ragged") for serving
 
   @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("max_context",))
   def step(params, cache, tokens, arg, slots, max_context):
