@@ -336,7 +336,13 @@ def _run_serve(args) -> int:
   from dsv4_jax.serve.backend import make_backend
   from dsv4_jax.serve.engine import Engine
   from dsv4_jax.serve.server import Server
+  import logging
   model, tok = _load_for_serving("serve", args.checkpoint, args.dtype)
+  request_log = logging.getLogger("dsv4_jax.serve.server")  # one line per request (log_requests below)
+  handler = logging.StreamHandler(sys.stderr)
+  handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+  request_log.addHandler(handler)
+  request_log.setLevel(logging.INFO)
   max_len = args.max_len or min(8192, model.cfg.max_position_embeddings)
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   try:
