@@ -266,6 +266,8 @@ def _add_generate(sub) -> None:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--stream", action="store_true", help="print text as it is generated")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter and compute dtype")
+  p.add_argument("--speculative", action="store_true",
+                 help="MTP speculative decoding (same text; prints the draft acceptance rate to stderr)")
   p.set_defaults(func=_run_generate)
 
 
@@ -301,7 +303,8 @@ def _run_generate(args) -> int:
     if len(prompt_ids) + args.max_new_tokens > limit:
       raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds "
                            f"the model's max_position_embeddings ({limit})")
-    engine = Engine(make_backend(model, 1, len(prompt_ids) + args.max_new_tokens), tok)
+    backend = _serving_backend(model, 1, len(prompt_ids) + args.max_new_tokens, "auto", args.speculative)
+    engine = Engine(backend, tok)
     write = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if args.stream else None
     if write:
       write(shown)
@@ -311,7 +314,20 @@ def _run_generate(args) -> int:
   except ValueError as e:
     raise SystemExit(f"dsv4 generate: error: {e}") from None
   print("" if args.stream else shown + text)
+  if args.speculative:
+    print(f"dsv4 generate: {engine.stats.summary()}", file=sys.stderr)
   return 0
+
+
+def _serving_backend(model, slots: int, max_len: int, kind: str, speculative: bool):
+  """make_backend, or the MTP speculative backend (KV cache only) with --speculative."""
+  from dsv4_jax.serve.backend import make_backend
+  if not speculative:
+    return make_backend(model, slots, max_len, kind)
+  if kind == "full":
+    raise ValueError("--speculative needs the KV-cache backend, not --backend full")
+  from dsv4_jax.serve.speculative import SpeculativeBackend
+  return SpeculativeBackend(model, slots, max_len)
 
 
 def _add_serve(sub) -> None:
@@ -328,6 +344,8 @@ def _add_serve(sub) -> None:
   p.add_argument("--backend", choices=("auto", "cached", "full"), default="auto",
                  help="auto: KV cache when available, else full forward per step")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter and compute dtype")
+  p.add_argument("--speculative", action="store_true",
+                 help="MTP speculative decoding (same outputs; the acceptance rate is printed at shutdown)")
   p.set_defaults(func=_run_serve)
 
 
@@ -346,7 +364,7 @@ def _run_serve(args) -> int:
   max_len = args.max_len or min(8192, model.cfg.max_position_embeddings)
   name = args.model_name or os.path.basename(os.path.normpath(args.checkpoint))
   try:
-    backend = make_backend(model, args.slots, max_len, args.backend)
+    backend = _serving_backend(model, args.slots, max_len, args.backend, args.speculative)
     server = Server(Engine(backend, tok), tok, name, args.host, args.port, default_mode=args.mode,
                     log_requests=True)
   except (ValueError, NotImplementedError, OSError) as e:
@@ -362,6 +380,8 @@ def _run_serve(args) -> int:
     server.serve_forever()
   except KeyboardInterrupt:
     pass
+  if args.speculative:
+    print(f"dsv4 serve: {backend.stats.summary()}", flush=True)
   print("dsv4 serve: stopped", flush=True)
   return 0
 

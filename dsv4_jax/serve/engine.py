@@ -233,6 +233,9 @@ class Engine:
 
     rows, owners = [], []
     decoding = [r for r in self._running.values() if r.last is not None]
+    if decoding and getattr(self.backend, "speculative", False):
+      self._speculate(decoding)  # MTP speculation: tokens sampled inside the backend's step (speculative.py)
+      decoding = []
     if decoding:
       try:
         rows.append(self.backend.decode([r.slot for r in decoding], [r.last for r in decoding]))
@@ -252,6 +255,28 @@ class Engine:
     if owners:
       for run, tok in zip(owners, self._sample(jnp.concatenate(rows, axis=0), owners)):
         self._accept(run, int(tok))
+
+  def _speculate(self, runs) -> None:
+    """One speculative backend step: each request gets 1 or 2 tokens, drawn as plain decoding would."""
+    try:
+      tokens_N2, kept_N = self.backend.speculate(
+          [r.slot for r in runs], [r.last for r in runs], [r.handle.params for r in runs],
+          [len(r.token_ids) for r in runs], [r.max_tokens - len(r.token_ids) for r in runs])
+    except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+      log.exception("speculative decode failed")
+      for run in runs:
+        self._abort(run, e)
+      return
+    for run, toks, n in zip(runs, tokens_N2, kept_N):
+      for tok in toks[:n]:
+        if self._running.get(run.slot) is not run:
+          break  # ended on the previous token: the rest is dropped
+        self._accept(run, int(tok))
+
+  @property
+  def stats(self):
+    """The backend's statistics (speculative backend: SpecStats with acceptance_rate), else None."""
+    return getattr(self.backend, "stats", None)
 
   def _sample(self, logits_NV, runs) -> np.ndarray:
     B = self.num_slots  # a fixed batch: the sampler compiles once
