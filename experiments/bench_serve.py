@@ -394,6 +394,11 @@ def write_report(path: str, r: dict) -> str:
         f"slot (`cache_bytes` of the live arrays; page slack included).")
   add("")
 
+  if r.get("errors"):
+    add("## Cases that failed\n")
+    for e in r["errors"]:
+      add(f"* {e}")
+    add("")
   add("## Target: decode step ≤ 1.5× the HBM floor at the longest context, largest batch\n")
   add(verdict(r) if r.get("decode") else "(not measured: the run stopped before the decode cases)")
   add(f"\nReproduce: `{r['command']}`.")
@@ -483,7 +488,8 @@ def main(argv=None) -> int:
            jax=jax.__version__, jaxlib=jaxlib.__version__,
            flax=__import__("flax").__version__, python=platform.python_version(),
            schedule=", ".join({0: "SWA", 4: "CSA", 128: "HCA"}[x] for x in cfg.main_ratios),
-           command=" ".join(["python experiments/bench_serve.py"] + _without_out(sys.argv[1:] if argv is None else argv)))
+           command=" ".join(["python experiments/bench_serve.py"]
+                            + _without_out(sys.argv[1:] if argv is None else argv)))
 
   copy_bytes = (64 << 20) if small else (4 << 30)
   r["copy_gib"] = copy_bytes / GiB
@@ -517,63 +523,75 @@ def main(argv=None) -> int:
   r["cache"] = cache_sizes({"V4-Flash (43 layers)": flash, "this benchmark's model": cfg},
                            [131072, 1048576], fmt)
 
-  # Decode at each (context, batch) on a synthetic cache.
+  r["errors"] = []
+
+  def guarded(name: str, fn) -> None:
+    """Run one case; a failure (e.g. out of memory) is recorded in the report and the run goes on."""
+    try:
+      fn()
+    except Exception as e:  # noqa: BLE001 - one case must not cost the others
+      msg = f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+      log(f"  FAILED {msg}")
+      r["errors"].append(msg)
+    save()
+
+  def decode_case(step_fn, ctx: int, B: int) -> dict:
+    max_len = ctx + 256 * -(-(2 * steps + args.warmup + 2) // 256)
+    log(f"  filling a {max_len}-token cache for {B} slots")
+    cache = fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
+    jax.block_until_ready(cache)
+    if ctx == max(contexts) and B == max(batches):
+      r["measured_cache"] = dict(context=ctx, batch=B, max_len=max_len, total=cache_bytes(cache).total)
+    step_s, pipe_s, first_s, cache = time_decode(step_fn, cache, B, cfg.vocab_size, steps, args.warmup,
+                                                 max_context=max_len)
+    del cache
+    nb = decode_bytes(cfg, B, ctx, fmt)
+    d = dict(context=ctx, batch=B, step_s=step_s, pipelined_s=pipe_s, first_s=first_s, bytes=nb,
+             floor_s=nb["total"] / r["bw"], flops=decode_flops(cfg, B, ctx))
+    log(f"  step {step_s * 1e3:.2f} ms (back-to-back {pipe_s * 1e3:.2f}), {B / step_s:,.0f} tok/s, floor "
+        f"{d['floor_s'] * 1e3:.3f} ms -> {step_s / d['floor_s']:.2f}x; compile+first {first_s:.1f} s")
+    return d
+
+  # Decode at each (context, batch) on a synthetic cache, through make_decode.
   decode = make_decode(model)
   r["decode"] = []
   for ctx in contexts:
     for B in batches:
-      max_len = ctx + 256 * -(-(2 * steps + args.warmup + 2) // 256)
-      log(f"decode: context {ctx}, batch {B}: filling a {max_len}-token cache")
-      cache = fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
-      jax.block_until_ready(cache)
-      if ctx == max(contexts) and B == max(batches):
-        cb = cache_bytes(cache)
-        r["measured_cache"] = dict(context=ctx, batch=B, max_len=max_len, total=cb.total)
-      step_s, pipe_s, first_s, cache = time_decode(decode, cache, B, cfg.vocab_size, steps, args.warmup,
-                                                   max_context=max_len)
-      del cache
-      nb = decode_bytes(cfg, B, ctx, fmt)
-      d = dict(context=ctx, batch=B, step_s=step_s, pipelined_s=pipe_s, first_s=first_s, bytes=nb,
-               floor_s=nb["total"] / r["bw"], flops=decode_flops(cfg, B, ctx))
-      r["decode"].append(d)
-      log(f"  step {step_s * 1e3:.2f} ms (back-to-back {pipe_s * 1e3:.2f}), {B / step_s:,.0f} tok/s, floor "
-          f"{d['floor_s'] * 1e3:.3f} ms -> {step_s / d['floor_s']:.2f}x; compile+first {first_s:.1f} s")
-      save()
+      log(f"decode: context {ctx}, batch {B}")
+      guarded(f"decode {ctx} x {B}", lambda ctx=ctx, B=B, f=decode: r["decode"].append(decode_case(f, ctx, B)))
   del decode
 
   # Prefill, batch 1, chunked, through make_prefill.
   if not args.no_prefill:
     r["prefill"] = []
-    for P in prompts:
+
+    def prefill_case(P: int) -> None:
       c = min(chunk, P)
-      log(f"prefill: {P} tokens in chunks of {c}")
       s, first = time_prefill(model, cfg, P, c, runs=3, fmt=fmt)
       r["prefill"].append(dict(prompt=P, chunk=c, s=s, first_s=first))
       log(f"  {s:.3f} s, {P / s:,.0f} tok/s (compile + first {first:.1f} s)")
-      save()
+
+    for P in prompts:
+      log(f"prefill: {P} tokens in chunks of {min(chunk, P)}")
+      guarded(f"prefill {P}", lambda P=P: prefill_case(P))
+
   if not args.no_parts:
     B = max(batches)
     log(f"pieces at batch {B}: MoE variants, head")
-    r["parts_batch"] = B
-    r["parts"] = [(n, s, cfg.num_hidden_layers if n.startswith("MoE") else 1)
-                  for n, s in time_parts(model, cfg, B, steps)]
-    for n, s, m in r["parts"]:
-      log(f"  {n}: {s * 1e3:.3f} ms × {m}")
-    save()
+
+    def parts() -> None:
+      rows = [(n, s, cfg.num_hidden_layers if n.startswith("MoE") else 1) for n, s in time_parts(model, cfg, B, steps)]
+      r["parts_batch"], r["parts"] = B, rows
+      for n, s, m in rows:
+        log(f"  {n}: {s * 1e3:.3f} ms × {m}")
+
+    guarded("pieces", parts)
 
   if r["served_moe"] != "capacity" and not args.no_capacity_variant:
     ctx, B = max(contexts), max(batches)
-    max_len = ctx + 256 * -(-(2 * steps + args.warmup + 2) // 256)
     log(f"decode, capacity-path MoE (C = tokens): context {ctx}, batch {B}")
-    cache = fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
-    step_s, pipe_s, first_s, cache = time_decode(direct_decode(model), cache, B, cfg.vocab_size, steps,
-                                                 args.warmup, max_context=max_len)
-    del cache
-    nb = decode_bytes(cfg, B, ctx, fmt)
-    r["decode_capacity"] = dict(context=ctx, batch=B, step_s=step_s, pipelined_s=pipe_s, first_s=first_s,
-                                bytes=nb, floor_s=nb["total"] / r["bw"], flops=decode_flops(cfg, B, ctx))
-    log(f"  step {step_s * 1e3:.2f} ms (back-to-back {pipe_s * 1e3:.2f}) -> {step_s / r['decode_capacity']['floor_s']:.2f}x floor")
-    save()
+    guarded("decode, capacity-path MoE",
+            lambda: r.__setitem__("decode_capacity", decode_case(direct_decode(model), ctx, B)))
 
   save(final=True)
   return 0
