@@ -37,7 +37,7 @@ def slots_per_step(m: int) -> int:
 def _fp8_codes(x_GL, lane_L, nope: int):
   """(e4m3 codes [G, L] int32 of the NoPE lanes, ue8m0 scale bytes [G, 128] int32 in lanes 0..nope/64-1)."""
   G = x_GL.shape[0]
-  blk_L = lane_L // reference.FP8_BLOCK
+  blk_L = lax.div(lane_L, jnp.int32(reference.FP8_BLOCK))  # lanes are >= 0 (jnp // lowers through sign)
   ax = jnp.abs(x_GL)
   scale_GL = jnp.ones_like(x_GL)
   scale_bytes = jnp.zeros((G, 128), jnp.int32)
