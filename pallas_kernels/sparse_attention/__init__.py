@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.sparse_attention.vjp import sparse_attention_vjp
 
@@ -14,8 +15,9 @@ def sparse_attention(q, kv, sink, indices, *, scale: float, implementation: str 
 
   q [B,S,H,D], kv [B,T,D], sink [H] float32, indices [B,S,K] int32 (-1 = none).
   Returns (out [B,S,H,D] in q's dtype, lse [B,S,H] float32 including the sink). Differentiable in q, kv and
-  sink through one shared backward (vjp.py). "auto" is the TPU kernel on a TPU backend, else the reference;
-  "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for tests).
+  sink through one shared backward (vjp.py). "auto" is the TPU kernel on a TPU backend, the Mosaic GPU kernel
+  (gpu.py; computes in 16 bits) on an NVIDIA backend for bf16/f16 inputs, else the reference; "tpu" elsewhere
+  runs the kernel in TPU interpret mode (slow: for tests); "gpu" needs a Hopper GPU.
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
@@ -28,9 +30,16 @@ def sparse_attention(q, kv, sink, indices, *, scale: float, implementation: str 
     raise ValueError(f"sink must be [H={q.shape[2]}], got {sink.shape}")
   if q.shape[-1] > 512:
     raise ValueError(f"head dim {q.shape[-1]} > 512 is not supported")
-  if implementation == "gpu":
-    raise NotImplementedError("the Mosaic GPU sparse-attention kernel is not built yet; use implementation="
-                              "'reference' (or 'auto', which picks the reference off TPU)")
+  backend = jax.default_backend()
+  if implementation == "gpu" and backend != "gpu":
+    raise ValueError(f"implementation='gpu' needs an NVIDIA GPU (Hopper) backend; this one is {backend!r}. Use "
+                     "'auto' (the TPU kernel on TPU, the Mosaic GPU kernel on GPU for 16-bit inputs, else the "
+                     "reference), 'reference', or 'tpu' (interpret mode off TPU)")
   if implementation == "auto":
-    implementation = "tpu" if jax.default_backend() == "tpu" else "reference"
+    if backend == "tpu":
+      implementation = "tpu"
+    elif backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and kv.dtype == q.dtype:
+      implementation = "gpu"
+    else:
+      implementation = "reference"
   return sparse_attention_vjp(q, kv, sink, indices, float(scale), implementation)

@@ -18,29 +18,35 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.sparse_attention import tpu
+from pallas_kernels.sparse_attention import gpu, tpu
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 _F32 = jnp.float32
 
 
-def _chunk_grads(q_BCHD, kv_BTD, idx_BCK, do_BCHD, lse_BCH, dlt_BCH, scale):
-  """dq [B,C,H,D] and the dkv contributions [B,C,K,D] (float32) of a chunk of queries."""
+def _chunk_grads(q_BCHD, kv_BTD, idx_BCK, do_BCHD, lse_BCH, dlt_BCH, scale, operand_dtype):
+  """dq [B,C,H,D] and the dkv contributions [B,C,K,D] (float32) of a chunk of queries.
+
+  operand_dtype float32: exact matmuls (the reference); bfloat16: tensor-core matmuls with float32 accumulation
+  (the GPU backward; p and ds are rounded to bf16 as flash-attention backward kernels do)."""
   valid_BCK = idx_BCK >= 0
-  keys_BCKD = jax.vmap(lambda kv, i: kv[i])(kv_BTD, jnp.where(valid_BCK, idx_BCK, 0)).astype(_F32)
-  q, do = q_BCHD.astype(_F32), do_BCHD.astype(_F32)
-  s_BCHK = jnp.einsum("BCHD,BCKD->BCHK", q, keys_BCKD, precision="highest") * scale
+  exact = operand_dtype == _F32
+  prec = "highest" if exact else None
+  keys_BCKD = jax.vmap(lambda kv, i: kv[i])(kv_BTD, jnp.where(valid_BCK, idx_BCK, 0)).astype(operand_dtype)
+  q, do = q_BCHD.astype(operand_dtype), do_BCHD.astype(operand_dtype)
+  mm = functools.partial(jnp.einsum, precision=prec, preferred_element_type=_F32)
+  s_BCHK = mm("BCHD,BCKD->BCHK", q, keys_BCKD) * scale
   p_BCHK = jnp.where(valid_BCK[:, :, None], jnp.exp(s_BCHK - lse_BCH[..., None]), 0.0)
-  dp_BCHK = jnp.einsum("BCHD,BCKD->BCHK", do, keys_BCKD, precision="highest")
+  dp_BCHK = mm("BCHD,BCKD->BCHK", do, keys_BCKD)
   ds_BCHK = p_BCHK * (dp_BCHK - dlt_BCH[..., None])
-  dq_BCHD = scale * jnp.einsum("BCHK,BCKD->BCHD", ds_BCHK, keys_BCKD, precision="highest")
-  g_BCKD = (scale * jnp.einsum("BCHK,BCHD->BCKD", ds_BCHK, q, precision="highest")
-            + jnp.einsum("BCHK,BCHD->BCKD", p_BCHK, do, precision="highest"))
+  ds, p = ds_BCHK.astype(operand_dtype), p_BCHK.astype(operand_dtype)
+  dq_BCHD = scale * mm("BCHK,BCKD->BCHD", ds, keys_BCKD)
+  g_BCKD = scale * mm("BCHK,BCHD->BCKD", ds, q) + mm("BCHK,BCHD->BCKD", p, do)
   return dq_BCHD, g_BCKD
 
 
 def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *, scale: float,
-                  query_chunk: int = 256):
+                  query_chunk: int = 256, operand_dtype=_F32):
   """(dq [B,S,H,D] in q's dtype, dkv [B,T,D] float32), queries in chunks: memory O(chunk · K · D), never [S, T]."""
   B, S, H, D = q_BSHD.shape
   T = kv_BTD.shape[1]
@@ -56,7 +62,7 @@ def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *,
 
   def step(dkv_BTD, xs):
     q, idx, do, lse, dlt = xs
-    dq, g = _chunk_grads(q, kv_BTD, idx, do, lse, dlt, scale)
+    dq, g = _chunk_grads(q, kv_BTD, idx, do, lse, dlt, scale, operand_dtype)
     dkv_BTD = dkv_BTD.at[b_B11, jnp.where(idx >= 0, idx, T)].add(g, mode="drop")
     return dkv_BTD, dq.astype(q_BSHD.dtype)
 
@@ -66,13 +72,16 @@ def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *,
   return dq.swapaxes(0, 1).reshape(B, n * C, H, D)[:, :S], dkv_BTD
 
 
-_FORWARD = {"reference": sparse_attention_reference, "tpu": tpu.sparse_attention_tpu}
-_BACKWARD = {"reference": reference_bwd, "tpu": tpu.sparse_attention_tpu_bwd}
+_FORWARD = {"reference": sparse_attention_reference, "tpu": tpu.sparse_attention_tpu, "gpu": gpu.sparse_attention_gpu}
+# The GPU backward is XLA for now (bf16 tensor-core matmuls, float32 accumulation, one sorted scatter-add per chunk);
+# a Mosaic GPU backward kernel is the open next step (see gpu.py).
+_BACKWARD = {"reference": reference_bwd, "tpu": tpu.sparse_attention_tpu_bwd,
+             "gpu": functools.partial(reference_bwd, query_chunk=512, operand_dtype=jnp.bfloat16)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def sparse_attention_vjp(q, kv, sink, indices, scale: float, implementation: str):
-  """The op with the shared backward; `implementation` is "reference" or "tpu"."""
+  """The op with the shared backward; `implementation` is "reference", "tpu" or "gpu"."""
   return _FORWARD[implementation](q, kv, sink, indices, scale=scale)
 
 

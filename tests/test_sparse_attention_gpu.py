@@ -1,0 +1,70 @@
+"""Tests for the GPU implementation of pallas_kernels.sparse_attention: its dispatch and its XLA backward run
+anywhere; the Mosaic GPU forward kernel runs only on an NVIDIA Hopper GPU (skipped elsewhere: GPU interpret mode
+cannot run WGMMA; the H200 figures are in experiments/results/kernels.md)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.sparse_attention import vjp
+from pallas_kernels.sparse_attention.reference import sparse_attention_reference
+
+ON_GPU = jax.default_backend() == "gpu"
+
+
+def _inputs(B=2, S=37, H=8, D=128, T=50, K=40, seed=0, dtype=jnp.bfloat16):
+  k = jax.random.split(jax.random.key(seed), 5)
+  q = jax.random.normal(k[0], (B, S, H, D), jnp.float32).astype(dtype)
+  kv = jax.random.normal(k[1], (B, T, D), jnp.float32).astype(dtype)
+  sink = jax.random.normal(k[2], (H,), jnp.float32)
+  # distinct indices per query (a permutation prefix), some -1
+  perm = jnp.argsort(jax.random.uniform(k[3], (B, S, T)), axis=-1)[..., :K].astype(jnp.int32)
+  drop = jax.random.bernoulli(k[4], 0.2, perm.shape)
+  return q, kv, sink, jnp.where(drop, -1, perm)
+
+
+@pytest.mark.skipif(ON_GPU, reason="checks the error off GPU")
+def test_gpu_implementation_off_gpu_names_the_backend():
+  q, kv, sink, idx = _inputs()
+  with pytest.raises(ValueError, match="needs an NVIDIA GPU.*'cpu'"):
+    pallas_kernels.sparse_attention(q, kv, sink, idx, scale=0.1, implementation="gpu")
+
+
+def test_auto_off_gpu_and_tpu_is_the_reference():
+  q, kv, sink, idx = _inputs()
+  if jax.default_backend() in ("gpu", "tpu"):
+    pytest.skip("auto picks a kernel here")
+  got = pallas_kernels.sparse_attention(q, kv, sink, idx, scale=0.1)
+  want = sparse_attention_reference(q, kv, sink, idx, scale=0.1)
+  np.testing.assert_array_equal(np.asarray(got[0], np.float32), np.asarray(want[0], np.float32))
+
+
+def test_bf16_backward_matches_the_exact_backward():
+  """The GPU path's backward (bf16 matmul operands, f32 accumulation) against the float32 one."""
+  q, kv, sink, idx = _inputs()
+  out, lse = sparse_attention_reference(q, kv, sink, idx, scale=0.1)
+  k = jax.random.split(jax.random.key(9), 2)
+  dout = jax.random.normal(k[0], out.shape, jnp.float32).astype(out.dtype)
+  delta = jnp.einsum("BSHD,BSHD->BSH", dout.astype(jnp.float32), out.astype(jnp.float32))
+  exact = vjp.reference_bwd(q, kv, idx, dout, lse, delta, scale=0.1)
+  fast = vjp.reference_bwd(q, kv, idx, dout, lse, delta, scale=0.1, query_chunk=16, operand_dtype=jnp.bfloat16)
+  for got, want, name in zip(fast, exact, ("dq", "dkv")):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert rel < 2e-2, (name, rel)
+  assert np.linalg.norm(np.asarray(fast[1]) - np.asarray(exact[1])) > 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel needs an NVIDIA Hopper GPU")
+@pytest.mark.parametrize("shape", [(1, 5, 64, 512, 300, 200), (2, 3, 8, 128, 40, 70), (1, 4, 128, 512, 900, 640)])
+def test_gpu_kernel_matches_reference(shape):
+  B, S, H, D, T, K = shape
+  q, kv, sink, idx = _inputs(B, S, H, D, T, K)
+  out, lse = pallas_kernels.sparse_attention(q, kv, sink, idx, scale=D ** -0.5, implementation="gpu")
+  ro, rl = sparse_attention_reference(q.astype(jnp.float32), kv.astype(jnp.float32), sink, idx, scale=D ** -0.5)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ro), atol=1e-2)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(rl), atol=1e-4)
