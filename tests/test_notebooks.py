@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 import pathlib
 
+import nbclient  # the dev extra installs these four: a missing one is an error, not a skip
+import nbformat
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+import ipykernel  # noqa: F401  (the kernel the notebooks run in)
+import matplotlib  # noqa: F401
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
