@@ -395,7 +395,7 @@ def write_report(path: str, r: dict) -> str:
   add("")
 
   if r.get("errors"):
-    add("## Cases that failed\n")
+    add("## Cases that failed or were skipped\n")
     for e in r["errors"]:
       add(f"* {e}")
     add("")
@@ -468,6 +468,8 @@ def main(argv=None) -> int:
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--no-parts", action="store_true", help="skip timing the pieces (MoE, head) alone")
   ap.add_argument("--no-prefill", action="store_true", help="skip the prefill timings")
+  ap.add_argument("--time-budget", type=float, default=None,
+                  help="seconds after which remaining cases are skipped (e.g. 480 inside a 600 s limit)")
   ap.add_argument("--no-capacity-variant", action="store_true",
                   help="skip the extra decode case with the capacity-path MoE (run when serving uses another)")
   args = ap.parse_args(argv)
@@ -480,6 +482,7 @@ def main(argv=None) -> int:
   fmt = args.kv_format
   os.makedirs(args.out, exist_ok=True)
 
+  t_start = time.perf_counter()
   dev = jax.devices()[0]
   log(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   cfg = bench_config(small, args.experts)
@@ -491,7 +494,7 @@ def main(argv=None) -> int:
            command=" ".join(["python experiments/bench_serve.py"]
                             + _without_out(sys.argv[1:] if argv is None else argv)))
 
-  copy_bytes = (64 << 20) if small else (4 << 30)
+  copy_bytes = (64 << 20) if small else (2 << 30)  # 2^30 bf16 elements: well past L2 (60 MB), under int32 counts
   r["copy_gib"] = copy_bytes / GiB
   r["bw"] = copy_bandwidth(copy_bytes)
   r["mm_n"] = 1024 if small else 8192
@@ -526,7 +529,13 @@ def main(argv=None) -> int:
   r["errors"] = []
 
   def guarded(name: str, fn) -> None:
-    """Run one case; a failure (e.g. out of memory) is recorded in the report and the run goes on."""
+    """Run one case; a failure (e.g. out of memory) is recorded in the report and the run goes on. Past
+    --time-budget seconds, cases are skipped (and listed) instead."""
+    if args.time_budget and time.perf_counter() - t_start > args.time_budget:
+      log(f"  skipped {name}: past the {args.time_budget} s budget")
+      r["errors"].append(f"{name}: skipped (past --time-budget {args.time_budget} s)")
+      save()
+      return
     try:
       fn()
     except Exception as e:  # noqa: BLE001 - one case must not cost the others
@@ -593,7 +602,9 @@ def main(argv=None) -> int:
     guarded("decode, capacity-path MoE",
             lambda: r.__setitem__("decode_capacity", decode_case(direct_decode(model), ctx, B)))
 
+  r["wall_s"] = time.perf_counter() - t_start
   save(final=True)
+  log(f"total {r['wall_s']:.0f} s")
   return 0
 
 
