@@ -70,7 +70,8 @@ def log(msg: str) -> None:
 
 
 # ----- model ---------------------------------------------------------------------------------------------
-def bench_config(small: bool, experts: int, capacity_factor: float | None = None) -> ModelConfig:
+def bench_config(small: bool, experts: int, capacity_factor: float | None = None,
+                 attention_impl: str = "reference") -> ModelConfig:
   """The benchmark model (module docstring). capacity_factor None = exact (C = T: nothing dropped)."""
   if small:  # tiny: d 64, head_dim 128, window 16, top-8, 4 layers (SWA, CSA, HCA, CSA), 8 experts
     base = ModelConfig.preset("tiny", num_nextn_predict_layers=0, compress_ratios=(0, 4, 128, 4))
@@ -81,7 +82,8 @@ def bench_config(small: bool, experts: int, capacity_factor: float | None = None
   exact = base.n_routed_experts / base.num_experts_per_tok
   return base.replace(expert_dtype=None, weight_quant=None, simulate_quant=False, dtype="bfloat16",
                       param_dtype="bfloat16", moe_impl="capacity", fp32_matmuls=False,
-                      moe_capacity_factor=exact if capacity_factor is None else capacity_factor)
+                      moe_capacity_factor=exact if capacity_factor is None else capacity_factor,
+                      attention_impl=attention_impl)
 
 
 def served_moe_impl(model) -> str:
@@ -457,13 +459,16 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                   help="directory for serve.md and serve.json (default experiments/results)")
-  ap.add_argument("--small", action="store_true", help="tiny shapes (CPU check of the script, seconds)")
+  ap.add_argument("--small", action="store_true", help="tiny shapes: a CPU check of the script (~3 min on 2 cores, mostly compiles)")
   ap.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 8192 131072)")
   ap.add_argument("--batches", type=int, nargs="+", default=None, help="decode batches (default 1 64)")
   ap.add_argument("--prefill", type=int, nargs="+", default=None, help="prompt lengths (default 8192 32768)")
   ap.add_argument("--chunk", type=int, default=None, help="prefill chunk (default 8192)")
   ap.add_argument("--experts", type=int, default=32)
   ap.add_argument("--kv-format", default="fp8", choices=kvf.KV_FORMATS)
+  ap.add_argument("--attention-impl", default="reference", choices=("reference", "auto", "gpu"),
+                  help="cfg.attention_impl (default: the presets' 'reference', what `dsv4 serve` runs on a "
+                       "checkpoint; 'auto' takes the Mosaic GPU sparse-attention kernel on a GPU)")
   ap.add_argument("--steps", type=int, default=None, help="timed decode steps per case (default 20)")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--no-parts", action="store_true", help="skip timing the pieces (MoE, head) alone")
@@ -485,7 +490,7 @@ def main(argv=None) -> int:
   t_start = time.perf_counter()
   dev = jax.devices()[0]
   log(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  cfg = bench_config(small, args.experts)
+  cfg = bench_config(small, args.experts, attention_impl=args.attention_impl)
   r = dict(small=small, cfg=cfg, fmt=fmt, steps=steps, warmup=args.warmup, date=datetime.date.today().isoformat(),
            device=f"{jax.device_count()} × {dev.device_kind}" + (" (CPU)" if dev.platform == "cpu" else ""),
            jax=jax.__version__, jaxlib=jaxlib.__version__,
