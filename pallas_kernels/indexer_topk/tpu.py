@@ -50,22 +50,36 @@ def _better(va, ia, vb, ib):
 
 
 class _Lanes:
-  """Lane partners at distance j < 128: partner(x)[.., l] = x[.., l ^ j]."""
+  """Per-lane constants of one [BQ, 128] slab, built once per kernel step: lane partners at distance j < 128
+  (partner(x)[.., l] = x[.., l ^ j]) and bit masks of the candidate position p = g·128 + lane."""
 
   def __init__(self, shape):
     self.lane = lax.broadcasted_iota(jnp.int32, shape, 1)
-    self._up = {}
+    self._up, self._bits = {}, {}
 
   def partner(self, x, j):
-    if j not in self._up:
+    if j not in self._up:  # which rotation brings lane l ^ j, read off a rotated iota
       self._up[j] = pltpu.roll(self.lane, j, 1) == (self.lane ^ j)
     return jnp.where(self._up[j], pltpu.roll(x, j, 1), pltpu.roll(x, 128 - j, 1))
+
+  def bit(self, g, m):
+    """Whether bit m (a power of two) of p is set: a Python bool when it is constant over the slab."""
+    if m >= 128:
+      return bool((g * 128) & m)
+    if m not in self._bits:
+      self._bits[m] = (self.lane & m) != 0
+    return self._bits[m]
+
+
+def _not(x):
+  return (not x) if isinstance(x, bool) else ~x
 
 
 def _exchange(v, i, lanes, j, want_better):
   """One compare-exchange stage at distance j over slabs v, i (lists of [BQ, 128]).
 
-  want_better(g) -> bool or [BQ, 128] bool: position (g, lane) keeps the better of itself and its partner."""
+  want_better(g): whether position (g, lane) keeps the better of itself and its partner (a bool when constant
+  over the slab, always so for j >= 128, where whole slabs pair up)."""
   G = len(v)
   v, i = list(v), list(i)
   if j >= 128:
@@ -75,8 +89,7 @@ def _exchange(v, i, lanes, j, want_better):
         continue
       a_v, a_i, b_v, b_i = v[g], i[g], v[g + m], i[g + m]
       a_wins = _better(a_v, a_i, b_v, b_i)
-      low_better = want_better(g)  # the pair's direction is constant over the slab when j >= 128
-      keep_a = a_wins == low_better
+      keep_a = a_wins if want_better(g) else ~a_wins
       v[g], i[g] = jnp.where(keep_a, a_v, b_v), jnp.where(keep_a, a_i, b_i)
       v[g + m], i[g + m] = jnp.where(keep_a, b_v, a_v), jnp.where(keep_a, b_i, a_i)
     return v, i
@@ -88,32 +101,23 @@ def _exchange(v, i, lanes, j, want_better):
 
 
 def _sort_worst_first(v, i, lanes):
-  """Bitonic sort of the G·128 candidates of each query (position p = g·128 + lane), worst first."""
+  """Bitonic sort of the G·128 candidates of each query (position p = g·128 + lane), worst first: runs of
+  `size` alternate direction (bit `size` of p set: best first), the last run (size = G·128) worst first. A
+  position keeps the better of its pair iff it is the lower one (bit j clear) of a best-first run or the upper
+  one of a worst-first run: bit j XOR bit size."""
   L = 128 * len(v)
-  lane = lanes.lane
   for size in (1 << e for e in range(1, L.bit_length())):
     for j in (size >> e for e in range(1, size.bit_length())):
-      def want_better(g, size=size, j=j):
-        p = g * 128 + lane
-        low = (p & j) == 0
-        desc = (p & size) != 0
-        if j >= 128:  # constant over the slab: take lane 0's value
-          return (((g * 128) & j) == 0) == (((g * 128) & size) != 0)
-        return low == desc
+      want_better = lambda g, size=size, j=j: lanes.bit(g, j) ^ lanes.bit(g, size)
       v, i = _exchange(v, i, lanes, j, want_better)
   return v, i
 
 
 def _merge_best_first(v, i, lanes):
-  """Sorts a bitonic sequence best first."""
+  """Sorts a bitonic sequence best first: the lower position of each pair keeps the better."""
   L = 128 * len(v)
-  lane = lanes.lane
   for j in (L >> e for e in range(1, L.bit_length())):
-    def want_better(g, j=j):
-      if j >= 128:
-        return ((g * 128) & j) == 0
-      return ((g * 128 + lane) & j) == 0
-    v, i = _exchange(v, i, lanes, j, want_better)
+    v, i = _exchange(v, i, lanes, j, lambda g, j=j: _not(lanes.bit(g, j)))
   return v, i
 
 
