@@ -222,3 +222,16 @@ def _without_mtp(model):
   class NoMTP:
     cfg, mtp = model.cfg, ()
   return NoMTP()
+
+
+def test_cli_speculative_flag(model):
+  """`--speculative` on generate and serve picks the speculative backend (which needs the KV cache)."""
+  from dsv4_jax import cli
+  parser = cli.build_parser()
+  for cmd in (["generate", "--prompt", "x"], ["serve"]):
+    args = parser.parse_args(cmd + ["--checkpoint", "d", "--speculative"])
+    assert args.speculative and not parser.parse_args(cmd + ["--checkpoint", "d"]).speculative
+  backend = cli._serving_backend(model, 1, 32, "auto", True)
+  assert isinstance(backend, SpeculativeBackend) and backend.max_len == 32
+  with pytest.raises(ValueError, match="--backend full"):
+    cli._serving_backend(model, 1, 32, "full", True)
