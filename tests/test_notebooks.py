@@ -47,6 +47,18 @@ def execute(path: pathlib.Path, workdir: pathlib.Path, env: dict[str, str]):
   return nb
 
 
+def test_a_failing_cell_fails_the_run(tmp_path):
+  """The guard behind "a notebook that errors fails CI": execute() raises on the first error, later cells never
+  run."""
+  nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"),
+                                       nbformat.v4.new_code_cell("raise ValueError('poisoned cell')"),
+                                       nbformat.v4.new_code_cell("print('not reached')")])
+  path = tmp_path / "poisoned.ipynb"
+  nbformat.write(nb, path)
+  with pytest.raises(nbclient.exceptions.CellExecutionError, match="poisoned cell"):
+    execute(path, tmp_path, {})
+
+
 def images(nb) -> int:
   return sum(1 for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
              if "image/png" in o.get("data", {}))
