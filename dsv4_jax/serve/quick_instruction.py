@@ -94,8 +94,8 @@ def quick_instruction_ids(backend, prefix_ids, suffix_ids: dict[str, list[int]],
     if len(slots) < 2:
       raise ValueError(f"need at least 2 free slots (parent + one task), got {slots}")
     parent, slots = slots[0], slots[1:]
-  elif not slots:
-    raise ValueError("need at least one free slot for the tasks")
+  elif not slots or parent in slots:
+    raise ValueError(f"need at least one free slot for the tasks besides the parent {parent}, got {slots}")
   tasks = list(suffix_ids)
   out: dict[str, list[int]] = {}
   reason: dict[str, str] = {}
@@ -104,8 +104,10 @@ def quick_instruction_ids(backend, prefix_ids, suffix_ids: dict[str, list[int]],
     if own_parent:
       np.asarray(backend.prefill(parent, list(prefix_ids)))
     prefix_s = time.perf_counter() - t0 if own_parent else 0.0
-    for w in range(0, len(tasks), len(slots)):
-      wave = tasks[w:w + len(slots)]
+    waves = -(-len(tasks) // len(slots))
+    size = -(-len(tasks) // waves)  # waves of equal size (fewer shapes to compile)
+    for w in range(0, len(tasks), size):
+      wave = tasks[w:w + size]
       t1 = time.perf_counter()
       live = {}  # slot -> task, while it decodes
       try:
