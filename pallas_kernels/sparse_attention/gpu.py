@@ -34,6 +34,7 @@ BLOCK_K = 64  # selected keys per pipeline step
 CHUNK = 64  # columns per swizzle atom (128 bytes of bf16)
 SLOTS = 2  # gather slots in flight
 MEM_WGS = 2  # warpgroups issuing the gather copies
+_MAX_GRID_ROWS = 65535
 _LOG2E = math.log2(math.e)
 # plgpu.kernel's output argument: `out_type` in jax 0.11, `out_shape` before.
 _OUT_KWARG = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
@@ -204,6 +205,15 @@ def sparse_attention_gpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, i
   idx = jnp.where(indices_BSK >= 0, indices_BSK + (jnp.arange(B) * T)[:, None, None], -1).astype(jnp.int32)
   idx = jnp.pad(idx, ((0, 0), (0, 0), (0, kp - K)), constant_values=-1).reshape(B * S, kp // block_k, block_k)
   sink = jnp.pad(sink_H.astype(jnp.float32), (0, hp - H), constant_values=-1e30)  # finite: no inf - inf in padded rows
-  out, lse = _forward_call(B * S, B * T, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs)(q, kv, idx, sink)
+  # CUDA caps the grid's second and third dimensions at 65535: launch ceil(B·S / 65535) equal row chunks
+  n = B * S
+  n_chunks = -(-n // _MAX_GRID_ROWS)
+  rows = -(-n // n_chunks)
+  q = jnp.pad(q, ((0, n_chunks * rows - n), (0, 0), (0, 0)))
+  idx = jnp.pad(idx, ((0, n_chunks * rows - n), (0, 0), (0, 0)), constant_values=-1)
+  call = _forward_call(rows, B * T, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs)
+  parts = [call(q[i * rows:(i + 1) * rows], kv, idx[i * rows:(i + 1) * rows], sink) for i in range(n_chunks)]
+  out = jnp.concatenate([p[0] for p in parts])[:n] if n_chunks > 1 else parts[0][0]
+  lse = jnp.concatenate([p[1] for p in parts])[:n] if n_chunks > 1 else parts[0][1]
   out = out.reshape(B, S, hp, dp)[:, :, :H, :D].astype(q_BSHD.dtype)
   return out, lse.reshape(B, S, hp)[:, :, :H]
