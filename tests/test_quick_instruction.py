@@ -7,6 +7,9 @@ the whole prompt (conversation + task suffix) by a fresh prefill or by the full-
 
 from __future__ import annotations
 
+import http.client
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +25,7 @@ from dsv4_jax.serve.cached_backend import CachedBackend
 from dsv4_jax.serve.chat import ASSISTANT, EOS, THINK_END, THINK_START, encode_messages
 from dsv4_jax.serve.engine import Engine
 from dsv4_jax.serve.params import InvalidRequest, SamplingParams
+from dsv4_jax.serve.server import Server
 from dsv4_jax.serve.steps import make_prefill
 from dsv4_jax.serve.tokens import TASK_ACTION, TASK_TITLE
 from dsv4_jax.tokenizer import train_bpe
@@ -162,6 +166,16 @@ def _greedy(backend, tok, prompts, max_tokens):
   return [[t for t in h.result().token_ids if t != tok.eos_id] for h in hs]
 
 
+def _post(server, body):
+  conn = http.client.HTTPConnection(server.host, server.port, timeout=300)
+  try:
+    conn.request("POST", "/v1/quick_instructions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r.status, json.loads(r.read())
+  finally:
+    conn.close()
+
+
 def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged(model, tok, messages):
   N = 4
   prefix_ids, suffix_ids = qi.encode_tasks(tok, messages, TASKS)
@@ -191,15 +205,20 @@ def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged
   backend.release(0)
   assert int(backend.cache.num_free) == backend.cache.num_pages and not np.asarray(page_refcounts(backend.cache)).any()
 
-  # Through the engine, with a request running in the background thread at the same time.
-  engine = Engine(backend, tok).start()
+  # Through the engine, with a request running in the background thread at the same time; and over HTTP.
+  engine = Engine(backend, tok)
+  server = Server(engine, tok, "tiny", port=0).start()
   try:
     h = engine.submit(prefix_ids + gen_ids, SamplingParams(temperature=0.0, max_tokens=N))
     answers = engine.quick_instructions(messages, TASKS, max_tokens=N)
     assert answers == {t: tok.decode(ids) for t, ids in zip(TASKS, want_tasks)}
     assert [t for t in h.result(timeout=300).token_ids if t != tok.eos_id] == want_parent
+    status, body = _post(server, {"model": "tiny", "messages": messages, "tasks": ["title", "query"], "max_tokens": N})
+    assert status == 200 and body["answers"] == {t: answers[t] for t in ["title", "query"]}
+    status, body = _post(server, {"model": "tiny", "messages": messages, "tasks": ["summary"]})
+    assert status == 400 and "unknown task" in body["error"]["message"]
   finally:
-    engine.shutdown()
+    server.shutdown()
   assert int(backend.cache.num_free) == backend.cache.num_pages
   with pytest.raises(InvalidRequest, match="exceeds the context"):
     Engine(backend, tok).quick_instructions(messages, ["title"], max_tokens=400)

@@ -167,6 +167,9 @@ def run_quick_instructions(engine, conversation, tasks, *, mode: str = "chat", t
   """
   if max_tokens < 1:
     raise InvalidRequest(f"max_tokens must be >= 1, got {max_tokens}", "max_tokens")
+  if engine.num_slots < 2:
+    raise NotImplementedError(f"quick instructions need an engine of >= 2 slots (a parent + a fork), this one has "
+                              f"{engine.num_slots}")
   prefix_ids, suffix_ids = encode_tasks(engine.tokenizer, conversation, tasks, mode, tools)
   need = len(prefix_ids) + max(len(s) for s in suffix_ids.values()) + max_tokens
   if need > engine.max_len:

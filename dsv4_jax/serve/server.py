@@ -6,7 +6,8 @@
   server.shutdown()
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both stream with `"stream": true` as server-sent
-events, `data: {json}` chunks then `data: [DONE]`), GET /v1/models, GET /health. Each HTTP connection has its own
+events, `data: {json}` chunks then `data: [DONE]`), POST /v1/quick_instructions (not OpenAI: Quick Instruction
+tasks forked from one prefill of the conversation, see _quick), GET /v1/models, GET /health. Each HTTP connection has its own
 thread, which validates its request (4xx JSON errors, openai_api.ApiError), queues it with the engine and writes
 the answer; a bad request never reaches the engine, so it cannot disturb requests in flight.
 """
@@ -91,7 +92,8 @@ class _Handler(BaseHTTPRequestHandler):
       log.info("%s - %s", self.address_string(), format % args)
 
   # ----- routing -------------------------------------------------------------------------------------------------
-  ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/models": "GET", "/health": "GET"}
+  ROUTES = {"/v1/chat/completions": "POST", "/v1/completions": "POST", "/v1/quick_instructions": "POST",
+            "/v1/models": "GET", "/health": "GET"}
 
   def do_GET(self):
     self._dispatch("GET")
@@ -114,6 +116,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, api.models_list(self.app.model_name, self.app.created))
       elif path == "/v1/chat/completions":
         self._chat(self._body())
+      elif path == "/v1/quick_instructions":
+        self._quick(self._body())
       else:
         self._completion(self._body())
     except api.ApiError as e:
@@ -204,6 +208,31 @@ class _Handler(BaseHTTPRequestHandler):
       send(api.completion_chunk(rid, model, "", c.finish_reason))
       if call.include_usage:
         send(api.usage_chunk(rid, model, "text_completion", c.usage))
+
+  def _quick(self, body: dict) -> None:
+    """{"model", "messages", "tasks": ["title", ...], "mode"?, "max_tokens"?} -> {"answers": {task: text}}:
+    greedy answers (sampling fields other than max_tokens are ignored), see serve/quick_instruction.py."""
+    from dsv4_jax.serve.quick_instruction import TASKS
+    app = self.app
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+      raise api.bad(f"'tasks' must be a non-empty list of task names ({', '.join(TASKS)})", "tasks")
+    call = api.parse_chat_request({k: v for k, v in body.items() if k != "tasks"}, app.model_name, app.default_mode)
+    if call.stream:
+      raise api.bad("'stream' is not supported for quick instructions", "stream")
+    try:
+      answers = app.engine.quick_instructions(call.messages, tasks, mode=call.mode, tools=call.tools,
+                                              max_tokens=call.params.max_tokens or 32)
+    except InvalidRequest as e:
+      raise api.bad(str(e), e.param) from None
+    except ChatFormatError as e:
+      raise api.bad(f"cannot encode the messages: {e}", "messages") from None
+    except NotImplementedError as e:
+      raise api.ApiError(501, str(e), type="server_error") from None
+    except EngineError as e:
+      raise api.ApiError(503, str(e), type="server_error") from None
+    self._json(200, {"id": api.new_id("qi"), "object": "quick_instructions", "model": app.model_name,
+                     "answers": answers})
 
   def _submit(self, prompt_ids, params, thinking_mode, prompt_field: str):
     try:
