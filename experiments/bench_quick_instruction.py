@@ -100,26 +100,27 @@ def write_report(path: str, rows: list[dict], cfg: ModelConfig, args, kv_format:
   dev = jax.devices()[0]
   n = len(TASK_SUFFIX_LEN)
   ms = lambda s: f"{s * 1e3:.1f}"
+  header = (f"| conversation tokens | first prefill (s, with compile) | re-prefill, 1 task (ms) "
+            f"| shared prefix, 1 task (ms) | speed-up | re-prefill, {n} tasks one by one (ms) "
+            f"| shared prefix, {n} tasks in parallel (ms) | speed-up |")
   lines = [
       f"# Quick Instruction: TTFT with the shared prefix vs re-prefilling ({datetime.date.today()})", "",
-      f"Machine: {dev.platform} ({dev.device_kind}), {platform.processor() or platform.machine()}; jax {jax.__version__}; "
-      f"Python {platform.python_version()}.",
-      f"Model: `--model {args.model}` (random weights): d={cfg.hidden_size}, {cfg.num_hidden_layers} layers "
-      f"(ratios {cfg.compress_ratios}), window {cfg.sliding_window}, top-{cfg.index_topk}, {cfg.n_routed_experts} "
-      f"experts, {cfg.dtype}; cache entries {kv_format}, 256-token pages; CachedBackend (prefill bucket 64).",
-      "TTFT = until the first answer token's argmax is on the host; shared prefix = fork(s) + one batched extend of "
-      f"the task suffix(es) (+ releasing the forks); re-prefill = prefill of conversation + suffix into a fresh "
-      f"slot. Median of {args.reps} runs after a warm-up (no compile). {n} tasks = {', '.join(TASK_SUFFIX_LEN)} "
-      "(suffix 1 token each, action 3).", "",
-      f"| conversation tokens | first prefill (s, with compile) | re-prefill, 1 task (ms) | shared prefix, 1 task (ms) "
-      f"| speed-up | re-prefill, {n} tasks one by one (ms) | shared prefix, {n} tasks in parallel (ms) | speed-up |",
-      "|---|---|---|---|---|---|---|---|"]
+      (f"Machine: {dev.platform} ({dev.device_kind}), {platform.processor() or platform.machine()}; "
+       f"jax {jax.__version__}; Python {platform.python_version()}."),
+      (f"Model: `--model {args.model}` (random weights): d={cfg.hidden_size}, {cfg.num_hidden_layers} layers "
+       f"(ratios {cfg.compress_ratios}), window {cfg.sliding_window}, top-{cfg.index_topk}, {cfg.n_routed_experts} "
+       f"experts, {cfg.dtype}; cache entries {kv_format}, 256-token pages; CachedBackend (prefill bucket 64)."),
+      ("TTFT = until the first answer token's argmax is on the host; shared prefix = fork(s) + one batched extend "
+       "of the task suffix(es) (+ releasing the forks); re-prefill = prefill of conversation + suffix into a fresh "
+       f"slot. Median of {args.reps} runs after a warm-up (no compile). {n} tasks = {', '.join(TASK_SUFFIX_LEN)} "
+       "(suffix 1 token each, action 3)."), "",
+      header, "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['L']} | {r['first_prefill_s']:.1f} | {ms(r['reprefill_1'])} | {ms(r['shared_1'])} | "
                  f"{r['reprefill_1'] / r['shared_1']:.1f}× | {ms(r['reprefill_n'])} | {ms(r['shared_n'])} | "
                  f"{r['reprefill_n'] / r['shared_n']:.1f}× |")
-  lines += ["", f"Reproduce: `python experiments/bench_quick_instruction.py --model {args.model} --lengths "
-            f"{' '.join(map(str, args.lengths))} --reps {args.reps}`.", ""]
+  lines += ["", (f"Reproduce: `python experiments/bench_quick_instruction.py --model {args.model} --lengths "
+                 f"{' '.join(map(str, args.lengths))} --reps {args.reps}`."), ""]
   text = "\n".join(lines)
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w") as f:

@@ -88,7 +88,7 @@ def test_fork_shares_full_pages_copies_the_last_and_refcounts_free_on_last_relea
   """Slot 0 holds 300 tokens (pages: 2 full + 1 partial of 128); slots 1, 2 fork it and the three sequences
   continue differently, interleaved, past CSA block ends inside the partial page: every step's logits equal the
   full forward of that slot's own sequence (a shared partial page would mix their entries)."""
-  L, seqs, want, first, step, new_cache = fork_setup
+  L, _, want, first, step, new_cache = fork_setup
   cache = new_cache()
   out, cache = first(cache, 0, L)
   _close(out[0, L - 1], want[0, L - 1])
@@ -128,7 +128,7 @@ def test_fork_shares_full_pages_copies_the_last_and_refcounts_free_on_last_relea
 
 
 def test_fork_at_a_page_boundary_takes_no_page(fork_setup):
-  L, seqs, want, first, step, new_cache = fork_setup
+  _, _, want, first, step, new_cache = fork_setup
   cache = new_cache()
   _, cache = first(cache, 1, 256)
   cache = fork_slot(cache, 1, 2)

@@ -7,8 +7,8 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both stream with `"stream": true` as server-sent
 events, `data: {json}` chunks then `data: [DONE]`), POST /v1/quick_instructions (not OpenAI: Quick Instruction
-tasks forked from one prefill of the conversation, see _quick), GET /v1/models, GET /health. Each HTTP connection has its own
-thread, which validates its request (4xx JSON errors, openai_api.ApiError), queues it with the engine and writes
+tasks forked from one prefill of the conversation, see _quick), GET /v1/models, GET /health. Each HTTP
+connection has its own thread, which validates its request (4xx JSON errors, openai_api.ApiError), queues it with the engine and writes
 the answer; a bad request never reaches the engine, so it cannot disturb requests in flight.
 """
 
