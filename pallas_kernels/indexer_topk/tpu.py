@@ -130,9 +130,12 @@ def _weight_column(w_QH):
   return jnp.sum(jnp.where(diag, rows, 0.0), axis=1, keepdims=True)
 
 
-def _kernel(first_ref, last_ref, lo_ref, hi_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, run_v, run_i, w_col):
+def _kernel(first_ref, last_ref, lo_ref, hi_ref, q_ref, w_ref, k_ref, idx_ref, val_ref, run_v, run_i, w_col, *,
+            n_q_blocks, n_k_blocks):
+  # (Grid sizes come in as constants, not pl.num_programs: TPU interpret mode reused a kernel traced for an
+  # earlier grid, with its sizes, in a later call of the same kernel.)
   b, qb, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  blk = b * pl.num_programs(1) + qb
+  blk = b * n_q_blocks + qb
   _, bq, H, D = q_ref.shape
   BN = k_ref.shape[1]
   G = run_v.shape[0]
@@ -163,7 +166,7 @@ def _kernel(first_ref, last_ref, lo_ref, hi_ref, q_ref, w_ref, k_ref, idx_ref, v
     for g in range(G):
       run_v[g], run_i[g] = v[g], i[g]
 
-  @pl.when(kb == pl.num_programs(2) - 1)
+  @pl.when(kb == n_k_blocks - 1)
   def _():
     for g in range(G):
       v, i = run_v[g], run_i[g]
@@ -188,7 +191,7 @@ def _call(first, last, lo, hi, q, w, k, *, bq, kp, interpret):
       scratch_shapes=[pltpu.VMEM((kp // 128, bq, 128), jnp.float32), pltpu.VMEM((kp // 128, bq, 128), jnp.int32),
                       pltpu.VMEM((bq * Hp, 1), jnp.float32)])
   return pl.pallas_call(
-      _kernel, grid_spec=grid_spec,
+      functools.partial(_kernel, n_q_blocks=nq, n_k_blocks=Np // kp), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct((B, Sp, kp), jnp.int32), jax.ShapeDtypeStruct((B, Sp, kp), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
                                            vmem_limit_bytes=VMEM_LIMIT),
