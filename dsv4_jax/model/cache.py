@@ -197,3 +197,69 @@ def select_rows(tree, slots):
 
 def scatter_rows(tree, rows, slots):
   return jax.tree.map(lambda a, r: a.at[:, slots].set(r), tree, rows)
+
+
+# ----- sharding (GSPMD) --------------------------------------------------------------------------------------------
+CACHE_AXES = ("data", "fsdp")  # the mesh axes the slots and pages are split over (dsv4_jax.sharding.MESH_AXES)
+
+
+def _split_axes(size: int, mesh, axes) -> tuple:
+  """The mesh axes among `axes` (in order) whose running product divides `size` (a greedy choice)."""
+  chosen, product = [], 1
+  for name in axes:
+    n = mesh.shape.get(name, 1)
+    if n > 1 and size % (product * n) == 0:
+      chosen.append(name)
+      product *= n
+  return tuple(chosen)
+
+
+def cache_shardings(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCache:
+  """A NamedSharding for every array of `cache` (also of `jax.eval_shape(...)` of one): the pytree to pin as a jitted
+  step's cache in / out shardings (dsv4_jax.serve.steps) and to `shard_cache` with.
+
+  * slot axis (axis 1 of every state leaf: window rings, compressor tails; axis 0 of lengths and page_table):
+    split over the `axes` of `mesh` whose product divides the batch;
+  * page axis (axis 1 of every pool leaf: compressed entries, indexer keys): split over the `axes` whose product
+    divides num_pages. The pool is the big part (pages for batch · max_len tokens), so it is what must not be
+    replicated: each device holds num_pages / (data · fsdp) pages;
+  * everything else (free stack, num_free, overflow; the repeat and entry axes) replicated, and so is everything
+    over the axes not listed ("expert", "tensor": V4 attention has one KV head, so nothing to split by head;
+    pass axes=dsv4_jax.sharding.BATCH_AXES to also split over "expert").
+  A dimension no listed axis divides stays whole, so any cache runs on any mesh (a tiny one ends up replicated).
+
+  Communication this implies (jit inserts it; any sharding gives the same results): pages come from one free
+  stack, so a slot's pages lie on any device, not on the device of its state rows. A step reads a slot's entries
+  by page_table index: each device gathers from the pages it holds (the others masked) and the partial reads
+  are summed across the page-axis devices, i.e. an all-reduce of the gathered rows (B · context entries per
+  layer; the top-k picks in CSA), never an all-gather of the pool. Writes of new entries scatter into the one
+  device holding the page (updates replicated, no exchange). Per-slot state rows and the page table are local to
+  their slot's devices; the small gathers/scatters by `slots` (continuous batching) move only those rows.
+  The MTP block's own cache (init_mtp_cache) has the same layout and takes the same call.
+  """
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  def spec(a, axis: int, size: int) -> NamedSharding:
+    split = _split_axes(size, mesh, axes)
+    parts = [None] * a.ndim
+    if split:
+      parts[axis] = split
+    return NamedSharding(mesh, P(*parts))
+
+  replicated = lambda a: NamedSharding(mesh, P())
+  slots = lambda a: spec(a, 1, cache.batch)
+  pages = lambda a: spec(a, 1, cache.num_pages)
+  return cache.replace(
+      lengths=spec(cache.lengths, 0, cache.batch), page_table=spec(cache.page_table, 0, cache.batch),
+      free_pages=replicated(cache.free_pages), num_free=replicated(cache.num_free),
+      overflow=replicated(cache.overflow), states=jax.tree.map(slots, cache.states),
+      pools=jax.tree.map(pages, cache.pools))
+
+
+def shard_cache(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCache:
+  """`cache` placed on `mesh` as cache_shardings says (arrays already placed so are kept, not copied).
+
+    mesh = dsv4_jax.sharding.make_mesh(data=2, fsdp=2, expert=2)
+    cache = shard_cache(model.init_cache(batch, max_len), mesh)
+  """
+  return jax.device_put(cache, cache_shardings(cache, mesh, axes))

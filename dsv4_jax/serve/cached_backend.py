@@ -39,10 +39,13 @@ def release_op():
 
 class CachedBackend:
   """Slots are the rows of one batched cache. Prompts are right-padded to a multiple of `bucket` (one compile per
-  bucket); decode always steps the whole batch with the free rows inactive (one compile)."""
+  bucket); decode always steps the whole batch with the free rows inactive (one compile).
+
+  mesh: with the model's parameters born on a mesh (dsv4_jax.sharding.create_sharded), the cache is sharded on
+  it (dsv4_jax.model.cache.cache_shardings) and every step pins that sharding (see dsv4_jax.serve.steps)."""
 
   def __init__(self, model, num_slots: int, max_len: int | None = None, *, kv_format: str | None = None,
-               bucket: int = 64, release=None):
+               bucket: int = 64, release=None, mesh=None):
     if not hasattr(model, "init_cache"):
       raise NotImplementedError("this model has no KV cache (init_cache); use the full-forward backend")
     limit = model.cfg.max_position_embeddings
@@ -55,20 +58,27 @@ class CachedBackend:
     self.cfg = model.cfg
     self._release = release or release_op()
     self.cache = model.init_cache(num_slots, max_len, **({} if kv_format is None else {"kv_format": kv_format}))
+    self._mesh = mesh
+    self.cache = self._place(self.cache)
+    if mesh is not None:
+      from dsv4_jax.model.cache import cache_shardings
+      shardings = cache_shardings(self.cache, mesh)
+    pin = lambda n: {} if mesh is None else dict(in_shardings=(None, shardings) + (None,) * (n - 2),
+                                                 out_shardings=(None, shardings))  # the cache kept sharded
     self._lengths: list[int | None] = [None] * num_slots  # tokens in each slot; None = free
     graphdef, self._state = nnx.split(model)
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
+    @functools.partial(jax.jit, donate_argnums=(1,), **pin(5))
     def prefill(state, cache, tokens_1S, length_1, slot_1):
       logits, cache = nnx.merge(graphdef, state).prefill(tokens_1S, cache, length_1, slots=slot_1)
       return logits[0, length_1[0] - 1], cache
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
+    @functools.partial(jax.jit, donate_argnums=(1,), **pin(4))
     def decode(state, cache, tokens_B1, active_B):
       logits, cache = nnx.merge(graphdef, state).decode(tokens_B1, cache, active=active_B)
       return logits[:, 0], cache
 
-    @functools.partial(jax.jit, donate_argnums=(1,))
+    @functools.partial(jax.jit, donate_argnums=(1,), **pin(5))
     def extend(state, cache, tokens_NS, counts_N, slots_N):
       logits, cache = nnx.merge(graphdef, state).prefill(tokens_NS, cache, counts_N, slots=slots_N)
       return logits[jnp.arange(tokens_NS.shape[0]), counts_N - 1], cache
@@ -109,7 +119,7 @@ class CachedBackend:
     from dsv4_jax.serve.cache import fork_slot
     if self._lengths[src] is None or self._lengths[dst] is not None or src == dst:
       raise RuntimeError(f"fork: slot {src} must hold a sequence and slot {dst} must be free")
-    self.cache = fork_slot(self.cache, src, dst)
+    self.cache = self._place(fork_slot(self.cache, src, dst))
     self._lengths[dst] = self._lengths[src]
     self._check()
 
@@ -136,8 +146,16 @@ class CachedBackend:
   def release(self, slot):
     if self._release is None:
       raise NotImplementedError("the KV cache has no per-slot release operation yet (cached_backend.release_op)")
-    self.cache = self._release(self.cache, slot)
+    self.cache = self._place(self._release(self.cache, slot))
     self._lengths[slot] = None
+
+  def _place(self, cache):
+    """The cache on its mesh shardings (a no-op without a mesh, or for arrays already placed so): the slot
+    operations (release, fork) are jitted without pinned shardings, the steps with."""
+    if self._mesh is None:
+      return cache
+    from dsv4_jax.model.cache import shard_cache
+    return shard_cache(cache, self._mesh)
 
   def _check(self):
     if bool(self.cache.overflow):

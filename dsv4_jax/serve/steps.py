@@ -10,40 +10,70 @@ the next power of two of the longest row). The parameters are split once at make
 compiled function as arguments (not baked in as constants): rebuild the steps after changing the weights. The
 cache passed in is donated: use only the one returned. One compile per tokens shape and per which optional
 arguments are given.
+
+Sharded (GSPMD): with the parameters born on a mesh (dsv4_jax.sharding.create_sharded) pass the same mesh,
+
+  mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
+  model = sharding.create_sharded(DeepSeekV4, cfg, mesh)
+  cache = shard_cache(model.init_cache(batch, max_len), mesh)   # dsv4_jax.model.cache
+  decode = make_decode(model, mesh)
+
+The compiled step pins the cache's in and out shardings to model.cache.cache_shardings (slots and pages split
+over data × fsdp, see there for the communication), so the cache stays sharded step after step and its buffers
+are donated in place; the parameters keep the shardings they carry. A cache not yet placed so (e.g. fresh from
+init_cache) is placed on the first call. Without a mesh nothing is pinned (the single-device behaviour).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 from flax import nnx
 
+from dsv4_jax.model.cache import cache_shardings, shard_cache
 
-def _jitted(model, method: str, extra: str):
+
+def _jitted(model, method: str, extra: str, mesh=None):
   from dsv4_jax.serve.backend import serving_model
   graphdef, params = nnx.split(serving_model(model))  # exact MoE (moe_impl "ragged") for serving
 
-  @functools.partial(jax.jit, donate_argnums=(1,), static_argnames=("max_context",))
-  def step(params, cache, tokens, arg, slots, max_context):
+  def body(params, cache, tokens, arg, slots, max_context):
     fn = getattr(nnx.merge(graphdef, params), method)
     return fn(tokens, cache, slots=slots, max_context=max_context, **{extra: arg})
 
+  if mesh is None:
+    step = jax.jit(body, donate_argnums=(1,), static_argnames=("max_context",))
+
+    def run(tokens, cache, arg=None, slots=None, max_context=None):
+      return step(params, cache, tokens, arg, slots, max_context=max_context)
+
+    return run
+
+  steps = {}  # one jitted step per cache layout (its shardings depend on batch and num_pages)
+
   def run(tokens, cache, arg=None, slots=None, max_context=None):
-    return step(params, cache, tokens, arg, slots, max_context=max_context)
+    shardings = cache_shardings(cache, mesh)
+    key = (jax.tree.structure(shardings), tuple(jax.tree.leaves(shardings)))
+    if key not in steps:
+      # None: the argument's own sharding (the parameters keep theirs) / the output's as GSPMD propagates it.
+      steps[key] = jax.jit(body, static_argnums=(5,), donate_argnums=(1,),
+                           in_shardings=(None, shardings, None, None, None), out_shardings=(None, shardings))
+    cache = shard_cache(cache, mesh)  # no-op for a cache already placed so (every cache a step returns)
+    return steps[key](params, cache, tokens, arg, slots, max_context)  # jit takes no kwargs with in_shardings
 
   return run
 
 
-def make_prefill(model):
-  """`prefill(tokens [B, S], cache, lengths=None, slots=None, max_context=None) -> (logits [B, S, V], cache)`."""
-  run = _jitted(model, "prefill", "lengths")
+def make_prefill(model, mesh=None):
+  """`prefill(tokens [B, S], cache, lengths=None, slots=None, max_context=None) -> (logits [B, S, V], cache)`;
+  with `mesh`, the cache is kept sharded on it (see the module docstring)."""
+  run = _jitted(model, "prefill", "lengths", mesh)
   return lambda tokens, cache, lengths=None, slots=None, max_context=None: run(tokens, cache, lengths, slots,
                                                                                max_context)
 
 
-def make_decode(model):
-  """`decode(tokens [B, 1], cache, active=None, slots=None, max_context=None) -> (logits [B, 1, V], cache)`."""
-  run = _jitted(model, "decode", "active")
+def make_decode(model, mesh=None):
+  """`decode(tokens [B, 1], cache, active=None, slots=None, max_context=None) -> (logits [B, 1, V], cache)`;
+  with `mesh`, the cache is kept sharded on it (see the module docstring)."""
+  run = _jitted(model, "decode", "active", mesh)
   return lambda tokens, cache, active=None, slots=None, max_context=None: run(tokens, cache, active, slots,
                                                                               max_context)

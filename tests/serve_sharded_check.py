@@ -1,0 +1,132 @@
+"""Helper for tests/test_serve_sharding.py, run in its own process: 8 fake CPU devices must be set before jax starts.
+
+  python tests/serve_sharded_check.py   ->  one JSON line on stdout
+
+A tiny model (a CSA and an HCA layer) born sharded on each mesh (`sharding.create_sharded`), its cache
+sharded (`model.cache.shard_cache`), served by the jitted, donating steps of `serve.steps` with that mesh: a
+prefill of rows of different lengths, then decode steps that cross the 16-token window and the 128-token HCA
+block. Logits and the final cache are compared with the same weights and steps on one device, and the cache
+arrays' shardings after the steps with the ones cache_shardings asks for. On the first mesh, the engine's
+CachedBackend(mesh=...) too: prefill two slots, decode, release one and prefill it again, against one device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dsv4_jax import sharding  # noqa: E402
+from dsv4_jax.config import ModelConfig  # noqa: E402
+from dsv4_jax.model.cache import cache_shardings, shard_cache  # noqa: E402
+from dsv4_jax.model.transformer import DeepSeekV4  # noqa: E402
+from dsv4_jax.serve.cached_backend import CachedBackend  # noqa: E402
+from dsv4_jax.serve.steps import make_decode, make_prefill  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+MESHES = {"2x2x2x1": (2, 2, 2, 1), "1x2x2x2": (1, 2, 2, 2)}  # (data, fsdp, expert, tensor)
+# A CSA and an HCA layer (every layer also has the window ring of an SWA one), no MTP (compile time).
+CFG = ModelConfig.preset("tiny", num_hidden_layers=2, compress_ratios=(4, 128), num_nextn_predict_layers=0)
+B, S, MAX_LEN, PAGE = 4, 128, 256, 128
+PROMPTS = np.array([124, 10, 126, 3], np.int32)  # row 0 crosses the HCA block (128) and row 1 the window (16)
+STEPS = 8
+ACTIVE = np.array([[True] * B] * STEPS)
+ACTIVE[3, 3] = False  # one step with an idle row
+
+
+def serve(model, mesh, tokens):
+  """Logits [B, S + STEPS, V] (prompt positions, then one per decode step), the final cache, and whether each
+  step's input cache was donated."""
+  prefill, decode = make_prefill(model, mesh), make_decode(model, mesh)
+  cache = model.init_cache(B, MAX_LEN, kv_format="float32", page_tokens=PAGE)
+  if mesh is not None:
+    cache = shard_cache(cache, mesh)
+  logits, new = prefill(jnp.asarray(tokens[:, :S]), cache, jnp.asarray(PROMPTS))
+  donated = [all(a.is_deleted() for a in jax.tree.leaves(cache))]
+  out = [np.asarray(logits)]
+  pos = PROMPTS.copy()
+  for i in range(STEPS):
+    cache = new
+    step = tokens[np.arange(B), pos][:, None]
+    logits, new = decode(jnp.asarray(step), cache, jnp.asarray(ACTIVE[i]))
+    donated.append(all(a.is_deleted() for a in jax.tree.leaves(cache)))
+    out.append(np.asarray(logits))
+    pos = pos + ACTIVE[i]
+  return out, new, all(donated)
+
+
+def backend_run(model, mesh, tokens, prompt_logits):
+  """A CachedBackend session on `mesh` (slots prefilled, decoded, released, reused): its largest relative
+  difference from the one-device prompt logits of the same sequences (`prompt_logits` [B, S, V], all positions
+  inside the rows' prompts), and its final cache."""
+  backend = CachedBackend(model, 2, 64, kv_format="float32", bucket=32, mesh=mesh)  # one prefill compile
+  got = [(backend.prefill(0, tokens[0, :20]), (0, 19)), (backend.prefill(1, tokens[1, :5]), (1, 4))]
+  for i in range(3):
+    logits = backend.decode([0, 1], [tokens[0, 20 + i], tokens[1, 5 + i]])
+    got += [(logits[0], (0, 20 + i)), (logits[1], (1, 5 + i))]
+  backend.release(1)
+  got.append((backend.prefill(1, tokens[2, :7]), (2, 6)))  # the freed slot reused
+  logits = backend.decode([0, 1], [tokens[0, 23], tokens[2, 7]])
+  got += [(logits[0], (0, 23)), (logits[1], (2, 7))]
+  return max(rel(np.asarray(x), prompt_logits[b, p]) for x, (b, p) in got), backend.cache
+
+
+def rel(a, b):
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def abs_diff(a, b):
+  """Largest |a - b| (equal entries count 0, so equal infinities too; inf where they differ)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.max(np.where(a == b, 0.0, np.abs(a - b)), initial=0.0))
+
+
+def main():
+  tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, S + STEPS)).astype(np.int32)
+  report = {"devices": len(jax.devices()), "meshes": {}}
+  reference = None
+  for name, shape in MESHES.items():
+    mesh = sharding.make_mesh(*shape)
+    model = sharding.create_sharded(DeepSeekV4, CFG, mesh, seed=0)
+    if reference is None:  # the same weights on one device, steps without a mesh
+      one = nnx.merge(nnx.graphdef(model), jax.device_put(jax.tree.map(np.asarray, nnx.state(model)),
+                                                          jax.devices()[0]))
+      ref_out, ref_cache, _ = serve(one, None, tokens)
+      reference = ([np.asarray(x) for x in ref_out], [np.asarray(x) for x in jax.tree.leaves(ref_cache)])
+      backend_diff, backend_cache = backend_run(model, mesh, tokens, reference[0][0])
+      report["backend"] = {
+          "logits_rel_diff": backend_diff,  # decode vs prefill paths too: test_decode's 1e-4 bound
+          "shardings_as_intended": all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in zip(
+              jax.tree.leaves(backend_cache), jax.tree.leaves(cache_shardings(backend_cache, mesh)))),
+          "pool_specs": sorted({str(a.sharding.spec) for a in jax.tree.leaves(backend_cache.pools)}),
+      }
+    out, cache, donated = serve(model, mesh, tokens)
+    # Prompt positions past a row's length are meaningless; compare valid prompt logits and every decode step.
+    prompt_diff = max(rel(out[0][b, :p], reference[0][0][b, :p]) for b, p in enumerate(PROMPTS))
+    decode_diff = max(rel(o[ACTIVE[i]], r[ACTIVE[i]]) for i, (o, r) in enumerate(zip(out[1:], reference[0][1:])))
+    want = jax.tree.leaves(cache_shardings(cache, mesh))
+    leaves = jax.tree.leaves(cache)
+    pools = jax.tree.leaves(cache.pools)
+    report["meshes"][name] = {
+        "prompt_rel_diff": prompt_diff, "decode_rel_diff": decode_diff,
+        "cache_max_abs_diff": max(abs_diff(a, r) for a, r in zip(leaves, reference[1])),
+        "lengths": np.asarray(cache.lengths).tolist(), "overflow": bool(cache.overflow), "donated": donated,
+        "shardings_as_intended": all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in zip(leaves, want)),
+        "pool_specs": sorted({str(a.sharding.spec) for a in pools}),
+        "pool_shard_fraction": max(a.addressable_shards[0].data.size / a.size for a in pools),
+        "state_specs": sorted({str(a.sharding.spec) for a in jax.tree.leaves(cache.states)}),
+        "page_table_spec": str(cache.page_table.sharding.spec),
+        "sharded_params": sum(1 for x in jax.tree.leaves(nnx.state(model)) if not x.sharding.is_fully_replicated),
+    }
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main()
