@@ -126,6 +126,8 @@ def test_bad_input_is_named():
     pallas_kernels.indexer_topk(q, k, w, end, topk=2, implementation="cuda")
   with pytest.raises(NotImplementedError, match="GPU"):
     pallas_kernels.indexer_topk(q, k, w, end, topk=2, implementation="gpu")
+  with pytest.raises(ValueError, match="TPU kernel"):
+    pallas_kernels.indexer_topk(q, k, w, end, topk=4096, implementation="tpu")
 
 
 def dense_picked_scores(q, k, w, idx):

@@ -15,7 +15,7 @@ import pallas_kernels
 from dsv4_jax.model import quant, rope
 from dsv4_jax.model.common import param
 from dsv4_jax.model.compressor import Compressor
-from pallas_kernels.indexer_topk import causal_visible_end
+from pallas_kernels.indexer_topk import MAX_TOPK, causal_visible_end
 from pallas_kernels.indexer_topk import reference as indexer_topk_reference
 
 _SCORE_BUDGET = 1 << 24  # elements of one chunk's [C, H, N] relu(q·k) tensor
@@ -64,7 +64,7 @@ class Indexer(nnx.Module):
     w_BSH = self.head_weights(x_BSD)
     k = min(cfg.index_topk if topk is None else topk, k_BNC.shape[1])
     return select_topk_with_scores(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, k, offset,
-                                   implementation(cfg))
+                                   implementation(cfg, k))
 
 
 def index_scores(q_BCHK, k_BNK, w_BCH):
@@ -72,10 +72,12 @@ def index_scores(q_BCHK, k_BNK, w_BCH):
   return indexer_topk_reference.index_scores(q_BCHK, k_BNK, w_BCH)
 
 
-def implementation(cfg) -> str:
+def implementation(cfg, topk: int) -> str:
   """The indexer_topk implementation for cfg.attention_impl: the same, except "gpu" (no GPU top-k kernel
-  yet), which runs the reference."""
-  return "reference" if cfg.attention_impl == "gpu" else cfg.attention_impl
+  yet) and a top-k beyond the TPU kernel's (the dense stage takes every entry), which run the reference."""
+  if cfg.attention_impl == "gpu" or topk > MAX_TOPK:
+    return "reference"
+  return cfg.attention_impl
 
 
 def visible_range(layout, segment_BS):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.indexer_topk.tpu import MAX_TOPK
 from pallas_kernels.indexer_topk.vjp import indexer_topk_vjp
 
 _IMPLEMENTATIONS = ("auto", "reference", "tpu", "gpu")
@@ -25,8 +26,9 @@ def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, impleme
   visible_start[t] <= s < visible_end[t] (int32 [B,S]; start defaults to 0; for positions p and ratio m use
   `causal_visible_end(p, m)`; packed documents pass their first entry as start). Returns (indices [B,S,topk]
   int32, -1 where fewer are visible; scores [B,S,topk] float32 at those indices, -inf where -1). The scores are
-  differentiable in q, k and w (no gradient through the selection). "auto" is the TPU kernel on a TPU backend,
-  else the reference; "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for tests). `query_chunk`
+  differentiable in q, k and w (no gradient through the selection). "auto" is the TPU kernel on a TPU backend
+  for topk <= MAX_TOPK, else the reference; "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for
+  tests). `query_chunk`
   sets the reference's queries per chunk (default: a fixed element budget).
   """
   if implementation not in _IMPLEMENTATIONS:
@@ -48,8 +50,11 @@ def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, impleme
   if implementation == "gpu":
     raise NotImplementedError("the Mosaic GPU indexer top-k kernel is not built yet; use implementation="
                               "'reference' (or 'auto', which picks the reference off TPU)")
+  if implementation == "tpu" and topk > MAX_TOPK:
+    raise ValueError(f"topk={topk} > {MAX_TOPK} is not supported by the TPU kernel; use implementation='auto' "
+                     "or 'reference'")
   if implementation == "auto":
-    implementation = "tpu" if jax.default_backend() == "tpu" else "reference"
+    implementation = "tpu" if jax.default_backend() == "tpu" and topk <= MAX_TOPK else "reference"
   if topk == 0 or k.shape[1] == 0:
     return jnp.full((B, S, topk), -1, jnp.int32), jnp.full((B, S, topk), -jnp.inf, jnp.float32)
   return indexer_topk_vjp(q, k, w, visible_start.astype(jnp.int32), visible_end.astype(jnp.int32), topk,

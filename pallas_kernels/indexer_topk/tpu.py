@@ -16,7 +16,7 @@ index is clamped to the visible range via scalar prefetch): causal queries do ab
 
 Cost per (query, entry): the score (2·H·D MXU flops) and ~log²(Kp)/2 compare-exchange stages of the sort,
 which on hardware may dominate the MXU work; a threshold prefilter (skip blocks whose best cannot enter) is
-the next step if it does.
+the next step if it does. Not yet measured on a TPU (compiled for v5p and v6e ahead of time only).
 """
 
 from __future__ import annotations
@@ -32,10 +32,13 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.sparse_attention.tpu import INTERPRET, _nt, _on_tpu_or_interpret, _pad, _round_up
 from pallas_kernels.sparse_attention.tpu import compile_for_tpu  # noqa: F401  (re-exported for AOT tests)
 
-__all__ = ["INTERPRET", "compile_for_tpu", "indexer_topk_tpu", "block_sizes"]
+__all__ = ["INTERPRET", "MAX_TOPK", "compile_for_tpu", "indexer_topk_tpu", "block_sizes"]
 
 BLOCK_Q = 8  # queries per grid step (sublanes)
-VMEM_LIMIT = 48 * 2**20
+MAX_TOPK = 2048  # the sort network is unrolled over Kp/128 slabs: compile time and VMEM grow with it
+# VMEM per step (estimated from the blocks): q and k blocks double-buffered, the [BQ·H, BN] float32 logits and
+# their weighted relu: about 3 MiB at Flash (H = 64, top-512), 5 MiB at top-1024.
+VMEM_LIMIT = 32 * 2**20
 _NONE = jnp.iinfo(jnp.int32).max  # entry index of an invisible candidate (loses every tie)
 
 
