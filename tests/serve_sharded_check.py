@@ -1,13 +1,15 @@
 """Helper for tests/test_serve_sharding.py, run in its own process: 8 fake CPU devices must be set before jax starts.
 
   python tests/serve_sharded_check.py   ->  one JSON line on stdout
+  python tests/serve_sharded_check.py --collectives   ->  the collectives of a sharded decode step (not a test)
 
-A tiny model (a CSA and an HCA layer) born sharded on each mesh (`sharding.create_sharded`), its cache
-sharded (`model.cache.shard_cache`), served by the jitted, donating steps of `serve.steps` with that mesh: a
-prefill of rows of different lengths, then decode steps that cross the 16-token window and the 128-token HCA
-block. Logits and the final cache are compared with the same weights and steps on one device, and the cache
-arrays' shardings after the steps with the ones cache_shardings asks for. On the first mesh, the engine's
-CachedBackend(mesh=...) too: prefill two slots, decode, release one and prefill it again, against one device.
+A tiny model (a CSA and an HCA layer) born sharded (`sharding.create_sharded`; on the second mesh the same weights
+placed on its parameter shardings), its cache sharded (`model.cache.shard_cache`), served by the jitted, donating
+steps of `serve.steps` with that mesh: a prefill of rows of different lengths, then decode steps that cross the
+16-token window and the 128-token HCA block. Logits and the final cache are compared with the same weights and
+steps on one device, and the cache arrays' shardings after the steps with the ones cache_shardings asks for.
+On the first mesh, the engine's CachedBackend(mesh=...) too: prefill two slots, decode, release one and prefill it
+again, against the one-device logits.
 """
 
 from __future__ import annotations
@@ -94,10 +96,10 @@ def main():
   reference = None
   for name, shape in MESHES.items():
     mesh = sharding.make_mesh(*shape)
-    model = sharding.create_sharded(DeepSeekV4, CFG, mesh, seed=0)
-    if reference is None:  # the same weights on one device, steps without a mesh
-      one = nnx.merge(nnx.graphdef(model), jax.device_put(jax.tree.map(np.asarray, nnx.state(model)),
-                                                          jax.devices()[0]))
+    if reference is None:  # born sharded on the first mesh; the same weights on one device, steps without a mesh
+      model = sharding.create_sharded(DeepSeekV4, CFG, mesh, seed=0)
+      graphdef, weights = nnx.graphdef(model), jax.tree.map(np.asarray, nnx.state(model))
+      one = nnx.merge(graphdef, jax.device_put(weights, jax.devices()[0]))
       ref_out, ref_cache, _ = serve(one, None, tokens)
       reference = ([np.asarray(x) for x in ref_out], [np.asarray(x) for x in jax.tree.leaves(ref_cache)])
       backend_diff, backend_cache = backend_run(model, mesh, tokens, reference[0][0])
@@ -107,6 +109,8 @@ def main():
               jax.tree.leaves(backend_cache), jax.tree.leaves(cache_shardings(backend_cache, mesh)))),
           "pool_specs": sorted({str(a.sharding.spec) for a in jax.tree.leaves(backend_cache.pools)}),
       }
+    else:  # the same weights placed on this mesh's parameter shardings (create_sharded's jitted init costs ~12 s)
+      model = nnx.merge(graphdef, jax.device_put(weights, sharding.state_shardings(nnx.state(one), mesh)))
     out, cache, donated = serve(model, mesh, tokens)
     # Prompt positions past a row's length are meaningless; compare valid prompt logits and every decode step.
     prompt_diff = max(rel(out[0][b, :p], reference[0][0][b, :p]) for b, p in enumerate(PROMPTS))
@@ -128,5 +132,27 @@ def main():
   print(json.dumps(report))
 
 
+def collectives(batch=8, max_len=4096):
+  """The largest operands of each collective in the compiled decode step on the data 2 x fsdp 2 x expert 2 mesh:
+  what cache_shardings' docstring says (no all-gather of the pool; page reads summed across devices)."""
+  import re
+
+  from dsv4_jax.serve.backend import serving_model
+  mesh = sharding.make_mesh(2, 2, 2, 1)
+  model = sharding.create_sharded(DeepSeekV4, CFG, mesh, seed=0)
+  graphdef, params = nnx.split(serving_model(model))
+  cache = shard_cache(model.init_cache(batch, max_len, kv_format="float32", page_tokens=128), mesh)
+  sh = cache_shardings(cache, mesh)
+  step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).decode(t, c), in_shardings=(None, sh, None),
+                 out_shardings=(None, sh), donate_argnums=(1,))
+  text = step.lower(params, cache, jnp.zeros((batch, 1), jnp.int32)).compile().as_text()
+  size = lambda shape: int(np.prod([int(d) for d in re.findall(r"\d+", shape.split("[")[1])] or [1]))
+  print("pool leaves (global shapes):", [a.shape for a in jax.tree.leaves(cache.pools)])
+  for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
+    shapes = re.findall(r"= (\w+\[[0-9,]*\])\S* " + op + r"(?:-start)?\(", text)
+    print(f"{op}: {len(shapes)} ops, largest results {sorted(set(shapes), key=size, reverse=True)[:4]}")
+
+
 if __name__ == "__main__":
-  main()
+  import sys
+  collectives() if "--collectives" in sys.argv else main()

@@ -232,9 +232,12 @@ def cache_shardings(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCa
   stack, so a slot's pages lie on any device, not on the device of its state rows. A step reads a slot's entries
   by page_table index: each device gathers from the pages it holds (the others masked) and the partial reads
   are summed across the page-axis devices, i.e. an all-reduce of the gathered rows (B · context entries per
-  layer; the top-k picks in CSA), never an all-gather of the pool. Writes of new entries scatter into the one
-  device holding the page (updates replicated, no exchange). Per-slot state rows and the page table are local to
-  their slot's devices; the small gathers/scatters by `slots` (continuous batching) move only those rows.
+  layer: indexer keys and HCA entries; only the top-k picks of CSA entries), plus collective-permutes of such
+  rows between layouts, never an all-gather of the pool (`python tests/serve_sharded_check.py --collectives`).
+  Writes of new entries scatter into the one device holding the page (updates replicated, no exchange). Per-slot
+  state rows and the page table are local to their slot's devices; the small gathers/scatters by `slots`
+  (continuous batching) move only those rows. Placing a slot's pages on its own devices (a free stack per
+  shard) would make page reads local; not done.
   The MTP block's own cache (init_mtp_cache) has the same layout and takes the same call.
   """
   from jax.sharding import NamedSharding, PartitionSpec as P
