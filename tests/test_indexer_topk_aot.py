@@ -6,6 +6,10 @@ Forward, and forward + backward as training runs it (jax.vjp of the selected sco
 batch 1, index heads H = 64, index dim 128, ratio 4 (N = S/4 entries), bf16 q/k/w. In CI: Flash (top-512) at
 S = 64K on each topology. With DSV4_AOT_ALL=1 also Pro (top-1024) at 64K. The [S, N] float32 score matrix
 (4 GiB at 64K) must never appear: temp stays below 1/10 of it.
+
+Measured (jax 0.11.2 / its libtpu, S = 64K): forward temp 96 MiB on v5p, 32 MiB on v6e (w in float32 and
+layout copies); forward + backward temp 405 MiB (one backward chunk of 512 queries' gathered keys, logits and
+key contributions, plus dk); the same for top-1024. Compiles take 3-13 s each.
 """
 
 from __future__ import annotations
