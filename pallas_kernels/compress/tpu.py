@@ -54,7 +54,7 @@ def _fp8_codes(x_GL, lane_L, nope: int):
 
 
 def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, sc_hbm, *rest,
-            m, c, t0, eps, overlap, out_dtype, fp8_nope):
+            m, c, t0, eps, overlap, out_dtype, fp8_nope, n_groups):
   n_out = 3 if fp8_nope else 1
   outs, (bufs, sems) = rest[:n_out], (rest[n_out:-1], rest[-1])
   b, i = pl.program_id(0), pl.program_id(1)
@@ -95,7 +95,7 @@ def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, s
   def _():
     start(end_s, p)
 
-  @pl.when(i + 1 < pl.num_programs(1))
+  @pl.when(i + 1 < n_groups)  # a constant, not pl.num_programs: interpret mode can reuse another grid's trace
   def _():
     start(end_n, 1 - p)
 
@@ -178,7 +178,7 @@ def _call(end, flags, ape, w, cos, sin, kv, sc, *, m, c, t0, eps, overlap, out_d
     out_shape += [jax.ShapeDtypeStruct((B, Np, L), jnp.int32), jax.ShapeDtypeStruct((B, Np, 128), jnp.int32)]
   n_buf = 4 if overlap else 2
   kernel = functools.partial(_kernel, m=m, c=c, t0=t0, eps=eps, overlap=overlap, out_dtype=out_dtype,
-                             fp8_nope=fp8_nope)
+                             fp8_nope=fp8_nope, n_groups=n)
   return pl.pallas_call(
       kernel,
       grid=(B, n),

@@ -146,7 +146,9 @@ def _tn(a, b):
 # ---------------------------------------------------------------------------------------------------------------
 # Forward.
 def _fwd_kernel(idx_smem, idx_ref, q_ref, sink_ref, kv_hbm, out_ref, lse_ref, buf, sem, m_scr, l_scr, acc_scr,
-                *, scale):
+                *, scale, n_k):
+  # (n_k, the grid's chunk count, comes in as a constant rather than pl.num_programs: TPU interpret mode can
+  # reuse a kernel traced for one grid in a later call with another.)
   b, k = pl.program_id(0), pl.program_id(2)
   bq, H = q_ref.shape[1], q_ref.shape[2]
   kv_TRL = kv_hbm.at[b]
@@ -174,7 +176,7 @@ def _fwd_kernel(idx_smem, idx_ref, q_ref, sink_ref, kv_hbm, out_ref, lse_ref, bu
   for r in range(bq):
     pl.when(live[r] == 1)(functools.partial(attend, r))  # an all -1 chunk changes nothing
 
-  @pl.when(k == pl.num_programs(2) - 1)
+  @pl.when(k == n_k - 1)
   def _():
     eye_HH = _eye(H)
     for r in range(bq):
@@ -189,7 +191,7 @@ def _fwd_call(idx, q, sink_H1, kv, *, scale, bq, kc, interpret):
   idx_spec = (1, bq, kc), lambda b, i, k: (b, i, k)
   q_spec = pl.BlockSpec((1, bq, H, Dp), lambda b, i, k: (b, i, 0, 0))
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, scale=scale),
+      functools.partial(_fwd_kernel, scale=scale, n_k=Kp // kc),
       grid=(B, Sp // bq, Kp // kc),
       in_specs=[pl.BlockSpec(*idx_spec, memory_space=pltpu.SMEM), pl.BlockSpec(*idx_spec), q_spec,
                 pl.BlockSpec((H, 1), lambda b, i, k: (0, 0)), pl.BlockSpec(memory_space=pl.ANY)],
@@ -231,7 +233,7 @@ def sparse_attention_tpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float):
 # ---------------------------------------------------------------------------------------------------------------
 # Backward.
 def _bwd_kernel(off_ref, idx_smem, idx_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_hbm, dq_in, dq_ref, g_ref, buf,
-                sem, dq_scr, *, scale):
+                sem, dq_scr, *, scale, n_k):
   del off_ref, dq_in  # the block offset is used by the index maps; dq_in is dq_ref's buffer (aliased)
   b, k = pl.program_id(0), pl.program_id(2)
   bq, H = q_ref.shape[1], q_ref.shape[2]
@@ -261,7 +263,7 @@ def _bwd_kernel(off_ref, idx_smem, idx_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_
     pl.when(live[r] == 1)(functools.partial(backprop, r))
     pl.when(live[r] == 0)(functools.partial(skip, r))
 
-  @pl.when(k == pl.num_programs(2) - 1)
+  @pl.when(k == n_k - 1)
   def _():
     dq_ref[0] = dq_scr[...].astype(dq_ref.dtype)
 
@@ -282,7 +284,7 @@ def _bwd_call(off, idx, q, do, lse, dlt, kv, dq, *, scale, bq, kc, n_blocks, int
       scratch_shapes=[pltpu.VMEM((bq, kc) + kv.shape[2:], kv.dtype), pltpu.SemaphoreType.DMA((bq,)),
                       pltpu.VMEM((bq, H, Dp), jnp.float32)])
   return pl.pallas_call(
-      functools.partial(_bwd_kernel, scale=scale), grid_spec=grid_spec,
+      functools.partial(_bwd_kernel, scale=scale, n_k=Kp // kc), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(dq.shape, dq.dtype),
                  jax.ShapeDtypeStruct((B, n_blocks * bq, Kp, Dp), jnp.float32)],
       input_output_aliases={8: 0},  # dq (counting the scalar-prefetch operand)
