@@ -3,11 +3,12 @@ one token per running slot.
 
 Uses the model's cached steps (`model.init_cache(batch, max_len, kv_format=...)`, `model.prefill(tokens, cache,
 lengths, slots=...)`, `model.decode(tokens_B1, cache, active=...)`), jitted here with the cache donated.
-Freeing a slot for the next request needs the cache's per-slot release operation, looked up as `release_slot` /
-`reset_slot` (cache, slot) -> cache in dsv4_jax.serve.steps or dsv4_jax.model.cache.
+Freeing a slot for the next request uses the cache's per-slot release operation (`release_slot` / `reset_slot`
+(cache, slot) -> cache, looked up in dsv4_jax.serve.cache, serve.steps or model.cache).
 
-PENDING: the cache and its per-slot operations were being built alongside this file; `release_op()` returns None
-until the release operation exists, and `make_backend("auto")` then keeps to the full-forward backend.
+Every step passes `max_context`, the longest row's length after the step rounded up to a power of two (at least
+MIN_CONTEXT_BUCKET, at most max_len): the compressed entries are then read from the pages that can hold data,
+not from the whole page table of a max_len slot; one compile per bucket.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flax import nnx
 
 RELEASE_OP_PLACES = ("dsv4_jax.serve.cache", "dsv4_jax.serve.steps", "dsv4_jax.model.cache")
 RELEASE_OP_NAMES = ("release_slot", "reset_slot")
+MIN_CONTEXT_BUCKET = 1024  # smallest max_context bucket (tokens): few compiles for short sequences
 
 
 def release_op():
@@ -68,19 +70,24 @@ class CachedBackend:
     self._lengths: list[int | None] = [None] * num_slots  # tokens in each slot; None = free
     graphdef, self._state = nnx.split(model)
 
-    @functools.partial(jax.jit, donate_argnums=(1,), **pin(5))
-    def prefill(state, cache, tokens_1S, length_1, slot_1):
-      logits, cache = nnx.merge(graphdef, state).prefill(tokens_1S, cache, length_1, slots=slot_1)
+    def step(n):  # n array arguments, then max_context: static and positional (jit with in_shardings takes no
+      return functools.partial(jax.jit, donate_argnums=(1,), static_argnums=(n,), **pin(n))  # keyword arguments)
+
+    @step(5)
+    def prefill(state, cache, tokens_1S, length_1, slot_1, max_context):
+      logits, cache = nnx.merge(graphdef, state).prefill(tokens_1S, cache, length_1, slots=slot_1,
+                                                         max_context=max_context)
       return logits[0, length_1[0] - 1], cache
 
-    @functools.partial(jax.jit, donate_argnums=(1,), **pin(4))
-    def decode(state, cache, tokens_B1, active_B):
-      logits, cache = nnx.merge(graphdef, state).decode(tokens_B1, cache, active=active_B)
+    @step(4)
+    def decode(state, cache, tokens_B1, active_B, max_context):
+      logits, cache = nnx.merge(graphdef, state).decode(tokens_B1, cache, active=active_B, max_context=max_context)
       return logits[:, 0], cache
 
-    @functools.partial(jax.jit, donate_argnums=(1,), **pin(5))
-    def extend(state, cache, tokens_NS, counts_N, slots_N):
-      logits, cache = nnx.merge(graphdef, state).prefill(tokens_NS, cache, counts_N, slots=slots_N)
+    @step(5)
+    def extend(state, cache, tokens_NS, counts_N, slots_N, max_context):
+      logits, cache = nnx.merge(graphdef, state).prefill(tokens_NS, cache, counts_N, slots=slots_N,
+                                                         max_context=max_context)
       return logits[jnp.arange(tokens_NS.shape[0]), counts_N - 1], cache
 
     self._prefill, self._decode, self._extend = prefill, decode, extend
@@ -94,7 +101,7 @@ class CachedBackend:
     tokens = np.zeros((1, -(-n // self.bucket) * self.bucket), np.int32)
     tokens[0, :n] = prompt_ids
     logits, self.cache = self._prefill(self._state, self.cache, jnp.asarray(tokens), jnp.asarray([n], jnp.int32),
-                                       jnp.asarray([slot], jnp.int32))
+                                       jnp.asarray([slot], jnp.int32), self._context_bucket(n))
     self._lengths[slot] = n
     self._check()
     return logits
@@ -108,7 +115,9 @@ class CachedBackend:
       if self._lengths[slot] >= self.max_len:
         raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
       batch[slot, 0], active[slot] = tok, True
-    logits, self.cache = self._decode(self._state, self.cache, jnp.asarray(batch), jnp.asarray(active))
+    longest = max([n + 1 if active[s] else n for s, n in enumerate(self._lengths) if n is not None])
+    logits, self.cache = self._decode(self._state, self.cache, jnp.asarray(batch), jnp.asarray(active),
+                                      self._context_bucket(longest))
     for slot in slots:
       self._lengths[slot] += 1
     self._check()
@@ -136,8 +145,9 @@ class CachedBackend:
     tokens = np.zeros((len(slots), width), np.int32)
     for row, toks in enumerate(token_lists):
       tokens[row, :len(toks)] = toks
+    longest = max(self._lengths[slot] + k for slot, k in zip(slots, n))
     logits, self.cache = self._extend(self._state, self.cache, jnp.asarray(tokens), jnp.asarray(n, jnp.int32),
-                                      jnp.asarray(list(slots), jnp.int32))
+                                      jnp.asarray(list(slots), jnp.int32), self._context_bucket(longest))
     for slot, k in zip(slots, n):
       self._lengths[slot] += k
     self._check()
@@ -148,6 +158,10 @@ class CachedBackend:
       raise NotImplementedError("the KV cache has no per-slot release operation yet (cached_backend.release_op)")
     self.cache = self._place(self._release(self.cache, slot))
     self._lengths[slot] = None
+
+  def _context_bucket(self, longest: int) -> int:
+    """max_context for a step whose longest row (of the rows it touches) ends at `longest` tokens."""
+    return min(self.max_len, max(MIN_CONTEXT_BUCKET, 1 << (max(longest, 1) - 1).bit_length()))
 
   def _place(self, cache):
     """The cache on its mesh shardings (a no-op without a mesh, or for arrays already placed so): the slot
