@@ -1,12 +1,13 @@
 """Mosaic GPU (Hopper) kernel for gather-sparse attention: the forward pass.
 
 One CTA per (query, group of 64 heads): the heads are the M = 64 rows of every WGMMA, so all heads of a query
-share each gathered key, as on the TPU kernel. Three warpgroups:
+share each gathered key, as on the TPU kernel. 2 + MEM_WGS warpgroups:
 
-  * the memory warpgroup gathers, per step, the BLOCK_K = 64 kv rows the query selected into a shared-memory slot.
-    Hopper has no gather TMA, so each row goes as D/64 bulk copies of 64 columns (one 128-byte swizzle atom row
-    each), straight into the swizzled layout WGMMA reads; SLOTS slots let the gather of step i+1 overlap the
-    math of step i;
+  * MEM_WGS = 2 memory warpgroups gather, per step, the BLOCK_K = 64 kv rows the query selected into a
+    shared-memory slot (rows j = w mod MEM_WGS from warpgroup w). Hopper has no gather TMA, so each row goes as
+    D/64 bulk copies of 64 columns (one 128-byte swizzle atom row each), straight into the swizzled layout WGMMA
+    reads; SLOTS slots let the gather of step i+1 overlap the math of step i. Issuing those copies is the
+    bound today (H200: 51.5 TFLOP/s with one memory warpgroup, 75.8 with two; experiments/results/kernels.md);
   * two compute warpgroups each own half of the D output columns (a [64, D/2] float32 accumulator; the whole
     [64, D] would not fit in one warpgroup's registers). Each computes the full score tile S = Q·Kᵀ (D/64
     WGMMAs of K = 64), the online softmax with the sink folded in as an extra logit of value 0 (m starts at the
