@@ -17,21 +17,10 @@ from hypothesis import strategies as st
 import pallas_kernels
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.model import context, kv_format
-from dsv4_jax.model.compressor import Compressor
 from pallas_kernels.compress import reference
+from test_compressor import make_compressor  # the same randomized Compressor the model's tests use
 
 CFG = ModelConfig.preset("tiny")  # simulate_quant off: the op's output is the entry
-
-
-def make_compressor(ratio, head_dim, seed=0, cfg=CFG, for_indexer=False):
-  comp = Compressor(cfg, ratio, head_dim, for_indexer=for_indexer, rngs=nnx.Rngs(seed))
-  rng = np.random.default_rng(seed)
-  d = cfg.hidden_size
-  comp.wkv[...] = jnp.asarray(rng.standard_normal(comp.wkv.shape) * d ** -0.5, jnp.float32)
-  comp.wgate[...] = jnp.asarray(rng.standard_normal(comp.wgate.shape) * 2 * d ** -0.5, jnp.float32)
-  comp.ape[...] = jnp.asarray(rng.standard_normal(comp.ape.shape), jnp.float32)
-  comp.norm.weight[...] = jnp.asarray(1 + 0.3 * rng.standard_normal(head_dim), jnp.float32)
-  return comp
 
 
 def packed_segments(lengths):

@@ -39,6 +39,19 @@ def release_op():
   return None
 
 
+def padded_prompt(lengths, slot, prompt_ids, max_len: int, bucket: int):
+  """(tokens [1, n rounded up to `bucket`] int32, n) for prefilling `prompt_ids` into free slot `slot` of a
+  backend whose per-slot lengths are `lengths` (None = free); clear errors for a busy slot or a bad length."""
+  if lengths[slot] is not None:
+    raise RuntimeError(f"slot {slot} is in use; release it first")
+  n = len(prompt_ids)
+  if not 0 < n <= max_len:
+    raise ValueError(f"prompt of {n} tokens does not fit a slot of {max_len}")
+  tokens = np.zeros((1, -(-n // bucket) * bucket), np.int32)
+  tokens[0, :n] = prompt_ids
+  return tokens, n
+
+
 class CachedBackend:
   """Slots are the rows of one batched cache. Prompts are right-padded to a multiple of `bucket` (one compile per
   bucket); decode always steps the whole batch with the free rows inactive (one compile).
@@ -93,13 +106,7 @@ class CachedBackend:
     self._prefill, self._decode, self._extend = prefill, decode, extend
 
   def prefill(self, slot, prompt_ids):
-    if self._lengths[slot] is not None:
-      raise RuntimeError(f"slot {slot} is in use; release it first")
-    n = len(prompt_ids)
-    if not 0 < n <= self.max_len:
-      raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.max_len}")
-    tokens = np.zeros((1, -(-n // self.bucket) * self.bucket), np.int32)
-    tokens[0, :n] = prompt_ids
+    tokens, n = padded_prompt(self._lengths, slot, prompt_ids, self.max_len, self.bucket)
     logits, self.cache = self._prefill(self._state, self.cache, jnp.asarray(tokens), jnp.asarray([n], jnp.int32),
                                        jnp.asarray([slot], jnp.int32), self._context_bucket(n))
     self._lengths[slot] = n

@@ -37,6 +37,7 @@ from flax import nnx
 
 from dsv4_jax.model.cache import InferenceCache, init_mtp_cache
 from dsv4_jax.model.decode import cached_forward, commit, mtp_forward
+from dsv4_jax.serve.cached_backend import padded_prompt
 from dsv4_jax.serve.sampling import sample_rows
 
 DRAFT_TOKENS = 1  # tokens the MTP block proposes per step (depth-1 MTP)
@@ -194,13 +195,7 @@ class SpeculativeBackend:
     self.forced_draft = None  # tests: a function (slots) -> draft tokens, replacing the MTP block's
 
   def prefill(self, slot, prompt_ids):
-    if self._lengths[slot] is not None:
-      raise RuntimeError(f"slot {slot} is in use; release it first")
-    n = len(prompt_ids)
-    if not 0 < n <= self.max_len:
-      raise ValueError(f"prompt of {n} tokens does not fit a slot of {self.max_len}")
-    tokens = np.zeros((1, -(-n // self.bucket) * self.bucket), np.int32)
-    tokens[0, :n] = prompt_ids
+    tokens, n = padded_prompt(self._lengths, slot, prompt_ids, self.max_len, self.bucket)
     logits, self.cache, self.draft = self._prefill(self._state, self.cache, self.draft, jnp.asarray(tokens),
                                                    jnp.asarray([n], jnp.int32), jnp.asarray([slot], jnp.int32))
     self._lengths[slot] = n
