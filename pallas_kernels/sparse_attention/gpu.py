@@ -35,6 +35,8 @@ BLOCK_K = 64  # selected keys per pipeline step
 CHUNK = 64  # columns per swizzle atom (128 bytes of bf16)
 SLOTS = 2  # gather slots in flight
 MEM_WGS = 2  # warpgroups issuing the gather copies
+GATHER = "cp_async"  # how rows are gathered: 16-byte cp.async by every memory thread, or "tma" (one bulk copy
+                     # per 128-byte atom row, issued by one thread each)
 _MAX_GRID_ROWS = 65535
 _LOG2E = math.log2(math.e)
 # plgpu.kernel's output argument: `out_type` in jax 0.11, `out_shape` before.
@@ -45,12 +47,61 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
-def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs):
+def _cp_async_gather(mem_wgs: int, dp: int, block_k: int):
+  """An inline Mosaic GPU routine run by all threads of the memory warpgroups: copy the `block_k` selected kv
+  rows (16-bit, `dp` wide) into one slot of the untiled, 128-byte-swizzled [D/64, block_k, 64] layout that the
+  WGMMA view reads, as 16-byte `cp.async` copies spread over every thread (Hopper's TMA cannot gather rows).
+
+  Thread t of the memory warpgroups copies units u = t, t + threads, ...: row u // (dp/8), 16-byte column
+  u % (dp/8), so a warp reads 512 contiguous bytes of one row. Each thread waits for its own copies and fences
+  them for the async proxy (WGMMA) before it returns; the caller then arrives on the slot's barrier."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415  (Mosaic GPU builders, only when lowering for a GPU)
+  from jax._src.lib.mlir.dialects import arith, llvm, memref, nvvm  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+
+  threads = mem_wgs * 128
+  units = dp * 2 // 16  # 16-byte units per row
+  if (block_k * units) % threads:
+    raise ValueError(f"{block_k} rows of {units} units do not split over {threads} threads")
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType(), plgpu.RefType((plgpu.SwizzleTransform(128),))))
+  def copy_block(_, kv_gmem, idx_smem, dst_smem):
+    i8, i32, i64 = (ir.IntegerType.get_signless(b) for b in (8, 32, 64))
+    index = ir.IndexType.get()
+
+    def c(v, ty=i32):
+      return arith.constant(ty, v)
+
+    t = arith.subi(mgpu.utils.thread_idx(), c(256))  # the memory warpgroups follow the two compute ones
+    src_base = llvm.addrspacecast(llvm.PointerType.get(address_space=1), mgpu.utils.memref_ptr(kv_gmem))
+    dst_base = mgpu.utils.memref_ptr(dst_smem)
+    for i in range(block_k * units // threads):
+      unit = arith.addi(t, c(i * threads))
+      row, col = arith.divui(unit, c(units)), arith.remui(unit, c(units))
+      kv_row = arith.maxsi(memref.load(idx_smem, [arith.index_cast(index, row)]), c(0))  # -1: row 0, masked
+      src = arith.addi(arith.muli(arith.extui(i64, kv_row), c(dp * 2, i64)), arith.extui(i64, arith.muli(col, c(16))))
+      # column unit `col` of `row` sits in swizzle-atom line (col // 8) * block_k + row, at 16-byte position
+      # (col % 8) xor (row % 8)
+      line = arith.addi(arith.muli(arith.divui(col, c(8)), c(block_k)), row)
+      pos = arith.xori(arith.remui(col, c(8)), arith.remui(row, c(8)))
+      dst = arith.addi(arith.muli(line, c(128)), arith.muli(pos, c(16)))
+      nvvm.cp_async_shared_global(mgpu.utils.getelementptr(dst_base, [dst], i8),
+                                  mgpu.utils.getelementptr(src_base, [src], i8), 16,
+                                  nvvm.LoadCacheModifierKind.CG)
+    nvvm.cp_async_commit_group()
+    nvvm.cp_async_wait_group(0)
+    nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+    return ()
+
+  return copy_block
+
+
+def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs, gather):
   nch = dp // CHUNK  # column chunks of D
   half = nch // 2  # chunks of the output owned by each compute warpgroup
   nblk = kp // block_k
   BLOCK_K, SLOTS = block_k, slots  # noqa: N806
-  mem_regs = 40 if mem_wgs == 1 else 24
+  mem_regs = 40 if mem_wgs == 1 else 24  # the copy loops need few registers; the rest go to the math
   compute_regs = min(232, (65536 - mem_wgs * 128 * mem_regs) // 256 // 8 * 8)
   tiled = (plgpu.TilingTransform((8, CHUNK)), plgpu.SwizzleTransform(128))
   swizzled = (plgpu.SwizzleTransform(128),)
@@ -95,7 +146,21 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
 
           issue_rows(blk, slot, first, stride)
 
-      gather_loop(wg - 2, mem_wgs)  # memory warpgroup w issues rows j = w (mod mem_wgs)
+      if gather == "tma":
+        gather_loop(wg - 2, mem_wgs)  # memory warpgroup w issues rows j = w (mod mem_wgs)
+      else:
+        copy_block = _cp_async_gather(mem_wgs, dp, block_k)
+
+        @pl.loop(0, nblk)
+        def _step(blk):
+          slot = lax.rem(blk, SLOTS)
+
+          @pl.when(blk >= SLOTS)
+          def _():
+            plgpu.barrier_wait(consumed.at[slot])
+
+          copy_block(kv_ref, idx_smem.at[blk], k_rows.at[slot])  # returns once this thread's copies landed
+          plgpu.barrier_arrive(loaded.at[slot])
 
     @pl.when(wg < 2)
     def _compute():
@@ -170,7 +235,7 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
         plgpu.SMEM((BLOCK_H,), jnp.float32),
         plgpu.SMEM((BLOCK_H,), jnp.float32),
         plgpu.Barrier(num_arrivals=nch + 2),
-        plgpu.Barrier(num_arrivals=BLOCK_K * nch, num_barriers=SLOTS),
+        plgpu.Barrier(num_arrivals=BLOCK_K * nch if gather == "tma" else mem_wgs, num_barriers=SLOTS),
         plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
         plgpu.Barrier(num_arrivals=2),
         collective_axes="wg",
@@ -189,9 +254,10 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
   )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "slots", "mem_wgs"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "slots", "mem_wgs", "gather"))
 def sparse_attention_gpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, interpret=None,
-                         block_k: int = BLOCK_K, slots: int = SLOTS, mem_wgs: int = MEM_WGS):
+                         block_k: int = BLOCK_K, slots: int = SLOTS, mem_wgs: int = MEM_WGS,
+                         gather: str = GATHER):
   """(out [B,S,H,D] in q's dtype, lse [B,S,H] float32) by the Mosaic GPU kernel; pads H, D and K internally.
 
   `interpret`: None on an NVIDIA GPU; an `plgpu.InterpretGPUParams` to run the kernel in GPU interpret mode."""
@@ -212,7 +278,9 @@ def sparse_attention_gpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, i
   rows = -(-n // n_chunks)
   q = jnp.pad(q, ((0, n_chunks * rows - n), (0, 0), (0, 0)))
   idx = jnp.pad(idx, ((0, n_chunks * rows - n), (0, 0), (0, 0)), constant_values=-1)
-  call = _forward_call(rows, B * T, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs)
+  if gather not in ("cp_async", "tma"):
+    raise ValueError(f"gather={gather!r}; expected 'cp_async' or 'tma'")
+  call = _forward_call(rows, B * T, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs, gather)
   parts = [call(q[i * rows:(i + 1) * rows], kv, idx[i * rows:(i + 1) * rows], sink) for i in range(n_chunks)]
   out = jnp.concatenate([p[0] for p in parts])[:n] if n_chunks > 1 else parts[0][0]
   lse = jnp.concatenate([p[1] for p in parts])[:n] if n_chunks > 1 else parts[0][1]
