@@ -1,0 +1,256 @@
+"""Mosaic GPU (Hopper) kernel of blockwise compression (forward): gated pooling, RMSNorm and RoPE in one pass.
+
+One CTA (one warpgroup) per (group of G slots, batch row). A slot's window is its m rows (2m with the CSA
+overlap: the m rows before the block through channels [:c], the block through [c:]), streamed in stages of RC
+whole rows (RC | m): each stage is one contiguous bulk TMA copy per input (kv, score; and the ape rows when ape
+does not stay resident), into a ring of K stage buffers, K - 1 stages in flight. With the overlap and RC = m, a
+slot whose previous slot (same CTA) is the block just before it reads its overlap rows from that slot's stage
+buffer instead of copying them again (the ring keeps the last consumed stage), so consecutive blocks read each
+row once. Empty slots and missing overlaps copy clamped real rows and are masked.
+
+Math per slot, in float32 registers (1-D [c] arrays in the warpgroup-strided layout, c/128 channels per thread):
+an online softmax over the stages (running max, sum, weighted kv), the pooled vector cast to out_dtype,
+RMSNorm (one warpgroup reduction per slot), written to an SMEM tile [G, c]. RoPE runs once per CTA on that tile:
+the interleaved pairs are read through a [G, c/2, 2] view (even / odd lanes, Gs = 128 / (r/2) slots at a time,
+one pair per thread), rotated with XLA-computed cos / sin [G, r/2], written back; then one TMA store of [G, c].
+Requirements (else ValueError): c even, r/2 a power of two <= 128 (production: c 512 or 128, r 64).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.compress import reference
+
+GROUP = 16  # slots per CTA (at least 128 / (r/2), the RoPE sub-batch)
+STAGES = 3  # ring of stage buffers (K - 1 in flight); Flash CSA: ~105 KiB of SMEM, two CTAs per SM
+STAGE_BYTES = 24 * 1024  # kv + score bytes of one stage (RC whole rows)
+APE_RESIDENT_BYTES = 32 * 1024  # ape [m, C] float32 stays in SMEM up to this size, else it streams per stage
+_NEG = -1e30  # running-max start: finite, so an all-masked first stage gives exp(0) · 0, not NaN
+_F32 = jnp.float32
+_OUT_KWARG = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
+
+
+def _round_up(x, m):
+  return -(-x // m) * m
+
+
+def _copy(src, dst, barrier):
+  """A bulk TMA copy of a contiguous, in-bounds GMEM slice (one cp.async.bulk, any size)."""
+  plgpu.copy_gmem_to_smem(src, dst, barrier, oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
+
+
+def stage_rows(m: int, row_bytes: int) -> int:
+  """RC: the largest divisor of m whose RC rows fit STAGE_BYTES (at least 1)."""
+  return max([d for d in range(1, m + 1) if m % d == 0 and d * row_bytes <= STAGE_BYTES] or [1])
+
+
+def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
+            kv_buf, sc_buf, ape_buf, w_smem, meta_smem, cos_smem, sin_smem, out_st, pair_st, init_bar,
+            loaded,
+            *, m, c, cp, overlap, RC, G, K, V, eps, out_dtype, ape_resident, r2, Sp):
+  g, b = lax.axis_index("g"), lax.axis_index("b")
+  W = (2 if overlap else 1) * m  # window rows of a slot
+  nc = W // RC  # stages per slot
+  T = G * nc  # stages per CTA
+  reuse = overlap and nc == 2  # a slot's overlap stage can be the previous slot's block stage
+
+  _copy(meta_ref.at[b, g], meta_smem, init_bar)
+  _copy(cos_ref.at[b, g], cos_smem, init_bar)
+  _copy(sin_ref.at[b, g], sin_smem, init_bar)
+  _copy(w_ref, w_smem, init_bar)
+  if ape_resident:
+    _copy(ape_ref, ape_buf, init_bar)
+  plgpu.barrier_wait(init_bar)
+
+  def aliased(t):  # stage t reads the buffer of stage t - 1 (the previous slot's block rows)
+    if not reuse:
+      return None
+    k, j = jnp.minimum(lax.div(t, nc), G - 1), lax.rem(t, nc)  # t may run past the CTA's last stage
+    prev_end = meta_smem[0, jnp.maximum(k - 1, 0)]
+    return (j == 0) & (k > 0) & (prev_end >= 0) & (meta_smem[0, k] == prev_end + m)
+
+  def issue(t):
+    k, j = lax.div(t, nc), lax.rem(t, nc)
+    first = jnp.clip(meta_smem[0, k] - W + 1 + j * RC, 0, Sp - RC)
+    slot = lax.rem(t, K)
+    _copy(kv_ref.at[b, pl.ds(first, RC)], kv_buf.at[slot], loaded.at[slot])
+    _copy(sc_ref.at[b, pl.ds(first, RC)], sc_buf.at[slot], loaded.at[slot])
+    if not ape_resident:
+      _copy(ape_ref.at[pl.ds(lax.rem(j * RC, m), RC)], ape_buf.at[slot], loaded.at[slot])
+
+  def issue_if_needed(t):
+    alias = aliased(t)
+    @pl.when((t < T) if alias is None else (t < T) & jnp.logical_not(alias))
+    def _():
+      issue(t)
+
+  for t in range(K - 1):  # prologue
+    issue_if_needed(jnp.int32(t))
+
+  strided = plgpu.Layout.WG_STRIDED((cp,), vec_size=V)
+  load = lambda ref: plgpu.load(ref, layout=strided).astype(_F32)
+
+  def stage(k, j, has_prev, state):
+    """Online-softmax update of slot k's state with its stage j (RC rows)."""
+    mx, s, acc = state
+    t = k * nc + j
+    alias = aliased(t)
+    if alias is None:
+      buf = lax.rem(t, K)
+      plgpu.barrier_wait(loaded.at[buf])
+    else:
+      buf = jnp.where(alias, lax.rem(t + K - 1, K), lax.rem(t, K))
+
+      @pl.when(jnp.logical_not(alias))
+      def _():
+        plgpu.barrier_wait(loaded.at[lax.rem(t, K)])
+
+    if overlap:
+      in_prev = j * RC < m
+      off = jnp.where(in_prev, 0, cp)
+      bias = jnp.where(in_prev & (has_prev == 0), -jnp.inf, 0.0).astype(_F32)
+    else:
+      off, bias = 0, 0.0
+    logits, rows = [], []
+    for r in range(RC):
+      if ape_resident:
+        ape_r = ape_buf.at[lax.rem(j * RC + r, m), pl.ds(off, cp)]
+      else:
+        ape_r = ape_buf.at[buf, r, pl.ds(off, cp)]
+      logits.append(load(sc_buf.at[buf, r, pl.ds(off, cp)]) + load(ape_r) + bias)
+      rows.append(load(kv_buf.at[buf, r, pl.ds(off, cp)]))
+    new = mx
+    for lg in logits:
+      new = jnp.maximum(new, lg)
+    alpha = jnp.exp(mx - new)
+    s, acc = s * alpha, acc * alpha
+    for lg, row in zip(logits, rows):
+      p = jnp.exp(lg - new)
+      s, acc = s + p, acc + p * row
+    plgpu.commit_smem()  # every thread is done with buffer (t - 1) % K: the next copy may overwrite it
+    issue_if_needed(t + K - 1)
+    return new, s, acc
+
+  w = load(w_smem)
+
+  @pl.loop(0, G)
+  def _slot(k):
+    has_prev = meta_smem[1, k]
+    zeros = jnp.zeros((cp,), _F32)
+    state = (plgpu.layout_cast(jnp.full((cp,), _NEG, _F32), strided), plgpu.layout_cast(zeros, strided),
+             plgpu.layout_cast(zeros, strided))
+    if nc <= 2:
+      for j in range(nc):
+        state = stage(k, jnp.int32(j), has_prev, state)
+    else:
+      state = lax.fori_loop(0, nc, lambda j, st: stage(k, j, has_prev, st), state)
+    _, s, acc = state
+    y = (acc / s).astype(out_dtype).astype(_F32)
+    inv = lax.rsqrt(jnp.sum(y * y) / c + eps)
+    entry = (y * inv * w).astype(out_dtype)
+    out_st[k] = jnp.where(meta_smem[0, k] >= 0, entry, jnp.zeros_like(entry))
+
+  plgpu.commit_smem()  # the whole tile is written
+  gs = 128 // r2  # slots per RoPE sub-batch: one pair per thread
+  lanes = pl.ds(c - 2 * r2, 2 * r2)  # the rope dims
+  for q in range(G // gs):
+    rows = pl.ds(q * gs, gs)
+    pair_st[rows] = out_st[rows, lanes].reshape(gs, r2, 2)  # [gs, r] -> pairs (a contiguous copy)
+    plgpu.commit_smem()
+    even, odd = pair_st.at[rows, :, 0], pair_st.at[rows, :, 1]  # one (re, im) per thread
+    x0, x1 = even[...].astype(_F32), odd[...].astype(_F32)
+    cos, sin = cos_smem[rows], sin_smem[rows]
+    even[...] = (x0 * cos - x1 * sin).astype(out_dtype)
+    odd[...] = (x0 * sin + x1 * cos).astype(out_dtype)
+    plgpu.commit_smem()
+    out_st[rows, lanes] = pair_st[rows].reshape(gs, 2 * r2)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(out_st, out_ref.at[b, pl.ds(g * G, G)])
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _vec_size(cp: int) -> int:
+  return 2 if cp % 256 == 0 else 1
+
+
+def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, positions_BN, spec, *,
+                 fp8: bool = False, interpret=None, group: int | None = None, stages: int | None = None):
+  """Entries [B, N, c] in spec.out_dtype (as compress_reference), or with fp8 the packed uint8 rows (the
+  reference's packer applied to the kernel's entries). `interpret`: None on an NVIDIA GPU, or a
+  `plgpu.InterpretGPUParams` to run in GPU interpret mode. `group` (slots per CTA) and `stages` (ring size)
+  override GROUP and STAGES (tuning)."""
+  B, S, C = kv_BSC.shape
+  c = weight_C.shape[0]
+  N = end_BN.shape[1]
+  m, coff = spec.ratio, (2 if spec.overlap else 1)
+  out_dtype = jnp.dtype(spec.out_dtype)
+  r2 = len(spec.rope_freqs)
+  if c % 2 or r2 & (r2 - 1) or r2 > 128:
+    raise ValueError(f"the GPU compress kernel needs c even (got {c}) and rope dims / 2 a power of two <= 128 "
+                     f"(got {r2}); use implementation='reference'")
+  if N == 0:
+    out = jnp.zeros((B, 0, c), out_dtype)
+    return reference.pack_fp8(out, spec.rope_dim) if fp8 else out
+  cp = _round_up(c, 128)
+  Cp = coff * cp
+  G = max(group or GROUP, 128 // r2)
+  Np = _round_up(N, G)
+  row_bytes = Cp * (jnp.dtype(kv_BSC.dtype).itemsize + jnp.dtype(score_BSC.dtype).itemsize)
+  RC = stage_rows(m, row_bytes)
+  Sp = max(S, RC)
+
+  def rows(x):  # [B, S, coff·c] -> [B, Sp, coff·cp]: channel halves padded to cp, rows to at least RC
+    if cp == c and Sp == S:
+      return x
+    x = jnp.pad(x.reshape(B, S, coff, c), ((0, 0), (0, Sp - S), (0, 0), (0, cp - c)))
+    return x.reshape(B, Sp, Cp)
+
+  end = jnp.pad(end_BN.astype(jnp.int32), ((0, 0), (0, Np - N)), constant_values=-1)
+  prev = jnp.pad((has_prev_BN & (end_BN >= 0)).astype(jnp.int32), ((0, 0), (0, Np - N)))
+  meta = jnp.stack([end.reshape(B, -1, G), prev.reshape(B, -1, G)], axis=2)  # [B, n_groups, 2, G]
+  cos, sin = reference.rope_tables(jnp.pad(positions_BN.astype(jnp.int32), ((0, 0), (0, Np - N))),
+                                   spec.rope_freqs)
+  cos, sin = cos.reshape(B, -1, G, r2), sin.reshape(B, -1, G, r2)
+  ape = jnp.pad(ape_MC.astype(_F32).reshape(m, coff, c), ((0, 0), (0, 0), (0, cp - c))).reshape(m, Cp)
+  w = jnp.pad(weight_C.astype(_F32), (0, cp - c))
+  ape_resident = m * Cp * 4 <= APE_RESIDENT_BYTES
+  K = stages or STAGES
+  n_groups = Np // G
+  kernel = functools.partial(
+      _kernel, m=m, c=c, cp=cp, overlap=spec.overlap, RC=RC, G=G, K=K, V=_vec_size(cp), eps=spec.eps,
+      out_dtype=out_dtype, ape_resident=ape_resident, r2=r2, Sp=Sp)
+  scratch = [
+      jax.ShapeDtypeStruct((K, RC, Cp), kv_BSC.dtype),
+      jax.ShapeDtypeStruct((K, RC, Cp), score_BSC.dtype),
+      jax.ShapeDtypeStruct((m, Cp) if ape_resident else (K, RC, Cp), _F32),
+      jax.ShapeDtypeStruct((cp,), _F32),
+      jax.ShapeDtypeStruct((2, G), jnp.int32),
+      jax.ShapeDtypeStruct((G, r2), _F32),
+      jax.ShapeDtypeStruct((G, r2), _F32),
+      jax.ShapeDtypeStruct((G, cp), out_dtype),
+      jax.ShapeDtypeStruct((G, r2, 2), out_dtype),  # the rope dims as (re, im) pairs
+  ]
+  scratch = [plgpu.SMEM(x.shape, x.dtype) for x in scratch] + [
+      plgpu.Barrier(num_arrivals=5 if ape_resident else 4),
+      plgpu.Barrier(num_arrivals=2 if ape_resident else 3, num_barriers=K)]
+  call = plgpu.kernel(
+      kernel,
+      **{_OUT_KWARG: jax.ShapeDtypeStruct((B, Np, cp), out_dtype)},
+      scratch_types=scratch,
+      grid=(n_groups, B),
+      grid_names=("g", "b"),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      interpret=interpret,
+  )
+  out = call(rows(kv_BSC), rows(score_BSC), ape, w, meta, cos, sin)
+  entries = out[:, :N, :c]
+  return reference.pack_fp8(entries, spec.rope_dim) if fp8 else entries
