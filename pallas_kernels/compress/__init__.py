@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.compress import tpu
+from pallas_kernels.compress import gpu, tpu
 from pallas_kernels.compress.reference import Spec, block_slots, compress_reference, fp8_row_bytes, pack_fp8
 from pallas_kernels.compress.vjp import compress_vjp
 
@@ -29,25 +29,31 @@ def compress(kv, score, ape, norm_weight, end, has_prev, positions, *, ratio: in
 
   output="entries": [B, N, c] in out_dtype (zeros where end < 0), differentiable in kv, score, ape and
   norm_weight. output="fp8": uint8 [B, N, fp8_row_bytes(c, rope)], the spec §8.1 cache layout of the entries
-  (serving; no gradient). "auto" is the TPU kernel on a TPU backend, else the reference; "tpu" elsewhere runs
-  the kernel in TPU interpret mode (slow: for tests).
+  (serving; no gradient). "auto" is the TPU kernel on a TPU backend, the Mosaic GPU kernel on an NVIDIA backend
+  (where it takes the shape: c even, rope dims / 2 a power of two <= 128), else the reference; "tpu" elsewhere
+  runs the kernel in TPU interpret mode (slow: for tests); "gpu" needs an NVIDIA (Hopper) GPU. Every kernel's
+  backward is the reference's VJP.
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
   if output not in _OUTPUTS:
     raise ValueError(f"output={output!r}; expected one of {_OUTPUTS}")
   spec = _check(kv, score, ape, norm_weight, end, has_prev, positions, ratio, rope_freqs, eps, out_dtype)
-  if implementation == "gpu":
-    raise NotImplementedError("the Mosaic GPU compress kernel is not built yet; use implementation='reference' "
-                              "(or 'auto', which picks the reference off TPU)")
+  backend = jax.default_backend()
+  if implementation == "gpu" and backend != "gpu":
+    raise ValueError(f"implementation='gpu' needs an NVIDIA GPU (Hopper) backend; this one is {backend!r}. Use "
+                     "'reference' (or 'auto', which picks the kernel of the backend)")
   if implementation == "auto":
-    implementation = "tpu" if jax.default_backend() == "tpu" else "reference"
+    gpu_ok = backend == "gpu" and gpu.supports(norm_weight.shape[0], spec)
+    implementation = "tpu" if backend == "tpu" else "gpu" if gpu_ok else "reference"
   end, positions = end.astype(jnp.int32), positions.astype(jnp.int32)
   has_prev = has_prev.astype(bool)
   if output == "fp8":
     args = [jax.lax.stop_gradient(a) for a in (kv, score, ape, norm_weight)]
     if implementation == "tpu":
       return tpu.compress_tpu(*args, end, has_prev, positions, spec, fp8=True)
+    if implementation == "gpu":
+      return gpu.compress_gpu(*args, end, has_prev, positions, spec, fp8=True)
     return pack_fp8(compress_reference(*args, end, has_prev, positions, spec), spec.rope_dim)
   return compress_vjp(kv, score, ape, norm_weight, end, has_prev, positions, spec, implementation)
 

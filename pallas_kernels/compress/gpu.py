@@ -2,19 +2,19 @@
 
 One CTA (one warpgroup) per (group of G slots, batch row). A slot's window is its m rows (2m with the CSA
 overlap: the m rows before the block through channels [:c], the block through [c:]), streamed in stages of RC
-whole rows (RC | m): each stage is one contiguous bulk TMA copy per input (kv, score; and the ape rows when ape
-does not stay resident), into a ring of K stage buffers, K - 1 stages in flight. With the overlap and RC = m, a
-slot whose previous slot (same CTA) is the block just before it reads its overlap rows from that slot's stage
-buffer instead of copying them again (the ring keeps the last consumed stage), so consecutive blocks read each
-row once. Empty slots and missing overlaps copy clamped real rows and are masked.
+whole rows (RC | m): each stage is one contiguous bulk TMA copy (cp.async.bulk, no tensor map) per input (kv,
+score; and the ape rows when ape [m, C] does not stay resident), into a ring of K = L + H stage buffers with L
+stages in flight. With the overlap, the ring also keeps the H = m/RC stages last consumed: a slot whose previous
+slot (same CTA) is the block just before it reads its overlap rows from those buffers instead of copying them
+again, so a run of consecutive blocks reads every row once (Flash CSA: RC = m = 4, H = 1). Empty slots and
+missing overlaps copy clamped real rows and are masked.
 
 Math per slot, in float32 registers (1-D [c] arrays in the warpgroup-strided layout, c/128 channels per thread):
 an online softmax over the stages (running max, sum, weighted kv), the pooled vector cast to out_dtype,
-RMSNorm (one warpgroup reduction per slot), written to an SMEM tile [G, c]. RoPE runs once per CTA on that tile:
-the interleaved pairs are read through a [G, c/2, 2] view (even / odd lanes, Gs = 128 / (r/2) slots at a time,
-one pair per thread), rotated with XLA-computed cos / sin [G, r/2], written back; then one TMA store of [G, c].
-Requirements (else ValueError): c even, r/2 a power of two <= 128 (production: c 512 or 128, r 64).
-"""
+RMSNorm (one warpgroup reduction per slot), written to an SMEM tile [G, c]. RoPE runs once per CTA on that tile,
+Gs = 128 / (r/2) slots at a time: their rope dims are copied to a [Gs, r/2, 2] pair buffer, whose even / odd
+views (one pair per thread) are rotated with XLA-computed cos / sin [G, r/2] and copied back; then one bulk TMA
+store of [G, c]. Requirements (`supports`): c even, r/2 a power of two <= 128 (production: c 512 or 128, r 64)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.compress import reference
 
 GROUP = 16  # slots per CTA (at least 128 / (r/2), the RoPE sub-batch)
-STAGES = 3  # ring of stage buffers (K - 1 in flight); Flash CSA: ~105 KiB of SMEM, two CTAs per SM
+STAGES = 2  # stages in flight (L); the ring holds L + m/RC with the overlap (Flash CSA: 3, ~105 KiB of SMEM)
 STAGE_BYTES = 24 * 1024  # kv + score bytes of one stage (RC whole rows)
+MAX_HELD = 4  # overlap: the ring keeps the previous slot's m/RC block stages when that is at most this
 APE_RESIDENT_BYTES = 32 * 1024  # ape [m, C] float32 stays in SMEM up to this size, else it streams per stage
 _NEG = -1e30  # running-max start: finite, so an all-masked first stage gives exp(0) · 0, not NaN
 _F32 = jnp.float32
@@ -48,6 +49,12 @@ def _copy(src, dst, barrier):
   plgpu.copy_gmem_to_smem(src, dst, barrier, oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
 
 
+def supports(c: int, spec) -> bool:
+  """Whether the kernel takes this shape (else implementation='auto' picks the reference)."""
+  r2 = len(spec.rope_freqs)
+  return c % 2 == 0 and r2 & (r2 - 1) == 0 and r2 <= 128
+
+
 def stage_rows(m: int, row_bytes: int) -> int:
   """RC: the largest divisor of m whose RC rows fit STAGE_BYTES (at least 1)."""
   return max([d for d in range(1, m + 1) if m % d == 0 and d * row_bytes <= STAGE_BYTES] or [1])
@@ -56,12 +63,12 @@ def stage_rows(m: int, row_bytes: int) -> int:
 def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
             kv_buf, sc_buf, ape_buf, w_smem, meta_smem, cos_smem, sin_smem, out_st, pair_st, init_bar,
             loaded,
-            *, m, c, cp, overlap, RC, G, K, V, eps, out_dtype, ape_resident, r2, Sp):
+            *, m, c, cp, overlap, RC, G, L, H, V, eps, out_dtype, ape_resident, r2, Sp):
   g, b = lax.axis_index("g"), lax.axis_index("b")
   W = (2 if overlap else 1) * m  # window rows of a slot
   nc = W // RC  # stages per slot
   T = G * nc  # stages per CTA
-  reuse = overlap and nc == 2  # a slot's overlap stage can be the previous slot's block stage
+  K = L + H  # ring: L stages in flight, H consumed ones kept (a slot's overlap stages may be the previous slot's)
 
   _copy(meta_ref.at[b, g], meta_smem, init_bar)
   _copy(cos_ref.at[b, g], cos_smem, init_bar)
@@ -71,12 +78,12 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
     _copy(ape_ref, ape_buf, init_bar)
   plgpu.barrier_wait(init_bar)
 
-  def aliased(t):  # stage t reads the buffer of stage t - 1 (the previous slot's block rows)
-    if not reuse:
+  def aliased(t):  # stage t reads the buffer of stage t - H (the same rows: the previous slot's block)
+    if not H:
       return None
     k, j = jnp.minimum(lax.div(t, nc), G - 1), lax.rem(t, nc)  # t may run past the CTA's last stage
     prev_end = meta_smem[0, jnp.maximum(k - 1, 0)]
-    return (j == 0) & (k > 0) & (prev_end >= 0) & (meta_smem[0, k] == prev_end + m)
+    return (j < H) & (k > 0) & (prev_end >= 0) & (meta_smem[0, k] == prev_end + m)
 
   def issue(t):
     k, j = lax.div(t, nc), lax.rem(t, nc)
@@ -93,7 +100,7 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
     def _():
       issue(t)
 
-  for t in range(K - 1):  # prologue
+  for t in range(L):  # prologue
     issue_if_needed(jnp.int32(t))
 
   strided = plgpu.Layout.WG_STRIDED((cp,), vec_size=V)
@@ -108,7 +115,7 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
       buf = lax.rem(t, K)
       plgpu.barrier_wait(loaded.at[buf])
     else:
-      buf = jnp.where(alias, lax.rem(t + K - 1, K), lax.rem(t, K))
+      buf = jnp.where(alias, lax.rem(t + K - H, K), lax.rem(t, K))
 
       @pl.when(jnp.logical_not(alias))
       def _():
@@ -136,8 +143,8 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
     for lg, row in zip(logits, rows):
       p = jnp.exp(lg - new)
       s, acc = s + p, acc + p * row
-    plgpu.commit_smem()  # every thread is done with buffer (t - 1) % K: the next copy may overwrite it
-    issue_if_needed(t + K - 1)
+    plgpu.commit_smem()  # every thread is done with buffer (t - H) % K: the next copy may overwrite it
+    issue_if_needed(t + L)
     return new, s, acc
 
   w = load(w_smem)
@@ -186,15 +193,15 @@ def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, posit
                  fp8: bool = False, interpret=None, group: int | None = None, stages: int | None = None):
   """Entries [B, N, c] in spec.out_dtype (as compress_reference), or with fp8 the packed uint8 rows (the
   reference's packer applied to the kernel's entries). `interpret`: None on an NVIDIA GPU, or a
-  `plgpu.InterpretGPUParams` to run in GPU interpret mode. `group` (slots per CTA) and `stages` (ring size)
-  override GROUP and STAGES (tuning)."""
+  `plgpu.InterpretGPUParams` to run in GPU interpret mode. `group` (slots per CTA) and `stages` (stages in
+  flight) override GROUP and STAGES (tuning)."""
   B, S, C = kv_BSC.shape
   c = weight_C.shape[0]
   N = end_BN.shape[1]
   m, coff = spec.ratio, (2 if spec.overlap else 1)
   out_dtype = jnp.dtype(spec.out_dtype)
   r2 = len(spec.rope_freqs)
-  if c % 2 or r2 & (r2 - 1) or r2 > 128:
+  if not supports(c, spec):
     raise ValueError(f"the GPU compress kernel needs c even (got {c}) and rope dims / 2 a power of two <= 128 "
                      f"(got {r2}); use implementation='reference'")
   if N == 0:
@@ -223,10 +230,12 @@ def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, posit
   ape = jnp.pad(ape_MC.astype(_F32).reshape(m, coff, c), ((0, 0), (0, 0), (0, cp - c))).reshape(m, Cp)
   w = jnp.pad(weight_C.astype(_F32), (0, cp - c))
   ape_resident = m * Cp * 4 <= APE_RESIDENT_BYTES
-  K = stages or STAGES
+  L = stages or STAGES
+  H = m // RC if spec.overlap and m // RC <= MAX_HELD else 0
+  K = L + H
   n_groups = Np // G
   kernel = functools.partial(
-      _kernel, m=m, c=c, cp=cp, overlap=spec.overlap, RC=RC, G=G, K=K, V=_vec_size(cp), eps=spec.eps,
+      _kernel, m=m, c=c, cp=cp, overlap=spec.overlap, RC=RC, G=G, L=L, H=H, V=_vec_size(cp), eps=spec.eps,
       out_dtype=out_dtype, ape_resident=ape_resident, r2=r2, Sp=Sp)
   scratch = [
       jax.ShapeDtypeStruct((K, RC, Cp), kv_BSC.dtype),

@@ -11,15 +11,15 @@ import functools
 
 import jax
 
-from pallas_kernels.compress import tpu
+from pallas_kernels.compress import gpu, tpu
 from pallas_kernels.compress.reference import Spec, compress_reference
 
-_FORWARD = {"reference": compress_reference, "tpu": tpu.compress_tpu}
+_FORWARD = {"reference": compress_reference, "tpu": tpu.compress_tpu, "gpu": gpu.compress_gpu}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def compress_vjp(kv, score, ape, weight, end, has_prev, positions, spec: Spec, implementation: str):
-  """Entries [B, N, c]; `implementation` is "reference" or "tpu"."""
+  """Entries [B, N, c]; `implementation` is "reference", "tpu" or "gpu"."""
   return _FORWARD[implementation](kv, score, ape, weight, end, has_prev, positions, spec)
 
 
