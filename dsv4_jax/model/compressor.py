@@ -43,7 +43,7 @@ class Compressor(nnx.Module):
         kv_BSC, score_BSC, self.ape[...], self.norm.weight[...], jnp.where(layout.valid_BN, layout.end_BN, -1),
         layout.has_prev_BN, layout.block_BN * m, ratio=m, rope_freqs=rope.layer_frequencies(cfg, compressed=True),
         eps=cfg.rms_norm_eps, out_dtype=x_BSD.dtype,
-        implementation="reference" if cfg.attention_impl == "gpu" else cfg.attention_impl)  # no GPU kernel yet
+        implementation="auto" if cfg.attention_impl == "gpu" else cfg.attention_impl)  # auto: the GPU kernel on GPU
     return self.quantize(entry_BNC)
 
   def _unfused(self, x_BSD, positions_BS, layout: BlockLayout):
