@@ -13,10 +13,12 @@ Attribution: the compiled step's HLO text (`compiled.as_text()`) gives each inst
 (coarse here: jit(body)/while/body/...) and `stack_frame_id`, an index into the module's stack-frame table
 (FileNames / FunctionNames / FileLocations / StackFrames at the top of the text), i.e. the Python call stack
 (function, file, line) that emitted the op. `model_component` maps that stack to a component by the functions
-on it (innermost rules first: Attention.attend -> attention core, index_scores -> indexer scores, write_entries
--> page write, Router -> MoE router, ...); ops without a stack (XLA-inserted copies, loop control) go by opcode.
-A fusion takes its own metadata (XLA gives a fusion its root's), else its root's, else its instructions'
-majority; the top-kernel table also lists the other components fused into it. No named_scope was needed.
+on it (Attention.attend -> attention core, index_scores -> indexer scores, write_entries -> page write, Router
+-> MoE router, ...). A fusion takes its own metadata (XLA gives a fusion its root's), else its fused
+instructions' majority component; the top-op table also lists the other components fused into it. An op XLA
+built without a precise stack (none, or only a `lax.scan(...)` call line) takes that of its nearest producer,
+else consumer, that has one (marked "from a neighbour"); copies and loop control without a stack go by opcode.
+The op_names alone are too coarse, but the stacks separate every component: no jax.named_scope was added.
 
 Which trace events are kernels: on a GPU/TPU the device process (/device:GPU:0) has one thread per stream
 ("Stream #N(...)": raw kernels and copies, name = kernel, args hlo_op / hlo_module) and derived lines
@@ -77,6 +79,7 @@ class HloOp:
   fusion_kind: str = ""
   target: str = ""  # custom_call_target
   operands: tuple = ()
+  backend_kind: str = ""  # a custom fusion's backend ("__triton_gemm", ...)
   source: tuple | None = None  # (file, line) of older metadata without stack frames
 
 
@@ -158,6 +161,8 @@ def parse_hlo(text: str) -> HloModule:
       op.calls = tuple(c.strip().lstrip("%") for c in cm.group(1).split(","))
     km = re.search(r"kind=(k\w+)", rest)
     op.fusion_kind = km.group(1) if km else ""
+    bm = re.search(r'"kind":"([^"]+)"', rest)
+    op.backend_kind = bm.group(1) if bm else ""
     tm = re.search(r'custom_call_target="([^"]*)"', rest)
     op.target = tm.group(1) if tm else ""
     ops[iname] = op
@@ -283,6 +288,8 @@ def model_component(frames: list[Frame], op: HloOp) -> str | None:
   if _has(fn, "RMSNorm.", "rms_normalize"):
     outer = [f for f in fn if not f.startswith(("RMSNorm.", "rms_normalize"))]
     return "head: hc head + final norm" if outer[:1] == ["cached_forward"] else "norms (attn / ffn pre-norm)"
+  if fn[0] == "stack_step":  # the layer scan's own line: its while loop, ops XLA made from the loop
+    return "control flow / loop (no source)" if op.opcode in _CONTROL else "layer scan (loop-level ops)"
   if _has(fn, "stack_step"):
     return "cache: per-layer state slice / update (scan)"
   if _has(fn, "_open_step", "_close_step", "make_step_context", "allocate_pages", "_ring_landing"):
@@ -385,11 +392,16 @@ def fused_mix(module: HloModule, name: str, rules=model_component) -> collection
   return mix
 
 
+def component_group(component: str) -> str:
+  """'MoE: router' -> 'MoE', 'compressor (KV entries)' -> 'compressor', 'XLA copies (...)' -> 'XLA copies'."""
+  return component.split("(")[0].split(":")[0].strip() or component
+
+
 def op_kind(op: HloOp | None) -> str:
   if op is None:
     return "?"
   if op.opcode == "fusion":
-    return f"fusion ({op.fusion_kind[1:].lower() or '?'})"
+    return f"fusion ({op.fusion_kind[1:].lower() or '?'}{' ' + op.backend_kind if op.backend_kind else ''})"
   if op.opcode == "custom-call":
     return f"custom-call {op.target}"
   return op.opcode
@@ -457,6 +469,8 @@ def event_hlo_op(e: Event) -> str | None:
       return m.group(1)
   if isinstance(a.get("long_name"), str) and a["long_name"].strip():
     return a["long_name"].split()[0].lstrip("%")
+  if e.thread.strip().lower() == "xla ops" and e.name:
+    return e.name  # the derived op line names its events after the op
   return None
 
 
@@ -588,6 +602,9 @@ def attribute(events: list[Event], module: HloModule, steps: int, rules=model_co
   components = [dict(component=k, us=v[0] / steps, pct=100 * v[0] / total if total else 0.0,
                      kernels=v[1] / steps, ops=v[2]) for k, v in comps.items()]
   components.sort(key=lambda c: -c["us"])
+  groups_us = collections.defaultdict(float)
+  for c in components:
+    groups_us[component_group(c["component"])] += c["us"]
   kinds = collections.defaultdict(lambda: [0.0, 0.0])
   for o in ops:
     kinds[o["kind"]][0] += o["us"]
@@ -599,7 +616,8 @@ def attribute(events: list[Event], module: HloModule, steps: int, rules=model_co
       steps=steps, kernel_us=total / steps, kernels=len(events) / steps, busy_us=busy_us(events) / steps,
       span_us=statistics.median(spans) if spans else None, step_kernel_counts=counts,
       split_ok=len(groups) == steps and max(counts) - min(counts) <= max(2, 0.02 * max(counts)),
-      components=components, top=ops[:top], ops=len(ops),
+      components=components, groups=sorted(groups_us.items(), key=lambda kv: -kv[1]), top=ops[:top],
+      ops=len(ops),
       kinds=sorted(([k, v[0], v[1]] for k, v in kinds.items()), key=lambda r: -r[1]),
       unmapped=sum(1 for o in ops if o["component"].startswith("unmapped")))
 
@@ -661,7 +679,9 @@ def write_report(path: str, r: dict) -> str:
                  f"| {c['kernels']:.0f} | {c['ops']} |")
   lines.append(f"| **total** | **{ms(a['kernel_us'])}** | 100% | {100 * a['kernel_us'] / wall['step_us']:.1f}% "
                f"| {a['kernels']:.0f} | {a['ops']} |")
-  lines += ["", f"## Top {len(a['top'])} HLO ops by time", "",
+  lines += ["", "By group: " + "; ".join(f"{g} {ms(us)} ms ({100 * us / wall['step_us']:.0f}% of wall)"
+                                       for g, us in a["groups"]) + ".",
+            "", f"## Top {len(a['top'])} HLO ops by time", "",
             "| # | HLO op | kind | ms / step | runs / step | component | also fused in | Python stack (innermost first) | op_name |",
             "|---|---|---|---|---|---|---|---|---|"]
   for i, o in enumerate(a["top"], 1):
@@ -790,6 +810,9 @@ def main(argv=None) -> int:
                        f"{info['threads_with_ops']}")
   a = attribute(kernels, module, n_prof)
   a.update(source=info["source"], chosen=info["chosen"])
+  if not with_frames:
+    log("  WARNING: no instruction of the compiled module has a Python stack (stack_frame_id or source_file): "
+        "components fall back to opcodes")
   if a["unmapped"]:
     log(f"  WARNING: {a['unmapped']} traced op names are not instructions of the compiled module")
 

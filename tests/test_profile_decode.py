@@ -227,6 +227,7 @@ def test_nested_events_count_self_time():
     (["sinkhorn.<locals>.body", "sinkhorn", "HyperConnection.pre"], "mHC"),
     (["stack_step.<locals>.body.<locals>.<lambda>", "stack_step.<locals>.body"], "cache: per-layer state"),
     (["allocate_pages", "_open_step", "cached_forward"], "step setup"),
+    (["stack_step", "cached_forward"], "layer scan (loop-level ops)"),
 ])
 def test_model_component_rules(chain, expected):
   frames = [pd.Frame(f, "", 1) for f in chain]
