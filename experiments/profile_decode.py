@@ -1,7 +1,7 @@
 """Where a decode step's device time goes, per model component (attention, indexer, compressors, cache, MoE, mHC, head).
 
-  python experiments/profile_decode.py                                   # the H200 run: 128K context, batch 64 (~1-2 min)
-  JAX_PLATFORMS=cpu python experiments/profile_decode.py --small         # tiny shapes: checks the script on a CPU
+  python experiments/profile_decode.py                             # the H200 run: 128K context, batch 64
+  JAX_PLATFORMS=cpu python experiments/profile_decode.py --small   # tiny shapes: checks the script on a CPU
 
 The model, the synthetic cache and the step are bench_serve's (`bench_config`, `fill_synthetic`, the serving
 step `make_decode` over `model.decode`, timed by `time_decode`). After compile and warm-up, `--profile-steps`
@@ -449,9 +449,13 @@ def load_events(path: str) -> list[Event]:
       procs[e.get("pid")] = str(e.get("args", {}).get("name", ""))
     elif e.get("ph") == "M" and e.get("name") == "thread_name":
       threads[(e.get("pid"), e.get("tid"))] = str(e.get("args", {}).get("name", ""))
-  return [Event(procs.get(e.get("pid"), str(e.get("pid"))), threads.get((e.get("pid"), e.get("tid")), str(e.get("tid"))),
-                str(e.get("name", "")), float(e["ts"]), float(e.get("dur", 0.0)), e.get("args") or {})
-          for e in raw if e.get("ph") == "X" and "ts" in e]
+  out = []
+  for e in raw:
+    if e.get("ph") == "X" and "ts" in e:
+      pid, tid = e.get("pid"), e.get("tid")
+      out.append(Event(procs.get(pid, str(pid)), threads.get((pid, tid), str(tid)), str(e.get("name", "")),
+                       float(e["ts"]), float(e.get("dur", 0.0)), e.get("args") or {}))
+  return out
 
 
 _HLO_OP_IN_TEXT = re.compile(r"hlo_op=([\w.\-]+)")
@@ -577,7 +581,10 @@ def attribute(events: list[Event], module: HloModule, steps: int, rules=model_co
   """Per component and per HLO op: µs per step and kernels per step; plus busy / span figures."""
   per_op = collections.defaultdict(lambda: [0.0, 0, ""])  # op -> [µs, count, a kernel name]
   for e in events:
-    name = event_hlo_op(e)
+    raw = (event_hlo_op(e) or "?").strip() or "?"
+    name = raw.lstrip("%").split()[0]
+    if name not in module.ops and ":" in name:  # e.g. 'fusion.3:kernel_name'
+      name = name.split(":")[0]
     rec = per_op[name]
     rec[0] += e.dur if e.self_us is None else e.self_us
     rec[1] += 1
@@ -610,7 +617,7 @@ def attribute(events: list[Event], module: HloModule, steps: int, rules=model_co
     kinds[o["kind"]][0] += o["us"]
     kinds[o["kind"]][1] += o["kernels"]
   groups = split_steps(events, steps)
-  spans = [g[-1].ts + g[-1].dur - g[0].ts for g in groups if g] if len(groups) == steps else []
+  spans = [max(e.ts + e.dur for e in g) - g[0].ts for g in groups if g] if len(groups) == steps else []
   counts = [len(g) for g in groups]
   return dict(
       steps=steps, kernel_us=total / steps, kernels=len(events) / steps, busy_us=busy_us(events) / steps,
@@ -682,7 +689,8 @@ def write_report(path: str, r: dict) -> str:
   lines += ["", "By group: " + "; ".join(f"{g} {ms(us)} ms ({100 * us / wall['step_us']:.0f}% of wall)"
                                        for g, us in a["groups"]) + ".",
             "", f"## Top {len(a['top'])} HLO ops by time", "",
-            "| # | HLO op | kind | ms / step | runs / step | component | also fused in | Python stack (innermost first) | op_name |",
+            "| # | HLO op | kind | ms / step | runs / step | component | also fused in | "
+            "Python stack (innermost first) | op_name |",
             "|---|---|---|---|---|---|---|---|---|"]
   for i, o in enumerate(a["top"], 1):
     fused = ", ".join(f"{k} ×{v}" for k, v in o["fused"].items() if k != o["component"])

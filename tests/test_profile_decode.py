@@ -143,7 +143,7 @@ def test_cpu_trace_attribution(tiny_profile):
 
 
 def test_xplane_reader_agrees_with_json(tiny_profile):
-  module, path, steps = tiny_profile
+  module, path, _ = tiny_profile
   xplane = path.replace(".trace.json.gz", ".xplane.pb")
   assert os.path.exists(xplane)
   from_json, _ = pd.kernel_events(pd.load_events(path), module.name)
