@@ -27,8 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-import pallas_kernels  # noqa: E402
-from pallas_kernels.compress import block_slots, gpu, reference  # noqa: E402
+from pallas_kernels.compress import block_slots, gpu, reference
 
 try:
   from bench_kernels import ceilings  # the same copy-bandwidth measurement as the kernel benchmark
@@ -121,8 +120,8 @@ def main():
   cases += [("HCA (m 128)", S, 128, False, bf16, f32, {}) for S in sizes]
   cases += [("Flash CSA, bf16 score", sizes[0], 4, True, bf16, bf16, {}),
             ("HCA, bf16 score", sizes[0], 128, False, bf16, bf16, {}),
-            ("Flash CSA, packed documents", sizes[0], 4, True, bf16, f32, dict(cuts=37, time_it=False)),
-            ("HCA, packed documents", sizes[0], 128, False, bf16, f32, dict(cuts=11, time_it=False))]
+            ("Flash CSA, packed documents", sizes[0], 4, True, bf16, f32, {"cuts": 37, "time_it": False}),
+            ("HCA, packed documents", sizes[0], 128, False, bf16, f32, {"cuts": 11, "time_it": False})]
   for name, S, m, overlap, kd, sd, kw in cases:
     faulthandler.dump_traceback_later(args.case_limit_s, exit=True)
     try:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -195,7 +194,7 @@ def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, posit
   reference's packer applied to the kernel's entries). `interpret`: None on an NVIDIA GPU, or a
   `plgpu.InterpretGPUParams` to run in GPU interpret mode. `group` (slots per CTA) and `stages` (stages in
   flight) override GROUP and STAGES (tuning)."""
-  B, S, C = kv_BSC.shape
+  B, S = kv_BSC.shape[:2]
   c = weight_C.shape[0]
   N = end_BN.shape[1]
   m, coff = spec.ratio, (2 if spec.overlap else 1)
