@@ -813,6 +813,9 @@ def main(argv=None) -> int:
         f"{info['stream_events_without_op_us']}")
   log(f"  summing {info['source']}: {', '.join(info['chosen'])}; {info['events']} events of {module.name} "
       f"({info['other_module_events_dropped']} of other modules dropped)")
+  if dev.platform != "cpu" and not info["source"].startswith("device"):
+    log("  WARNING: no op events on a /device: process (is CUPTI / the device tracer available?): the sums "
+        "below are host-side events, not kernel times")
   if not kernels:
     raise RuntimeError(f"no op events of module {module.name} in {path}; threads with ops: "
                        f"{info['threads_with_ops']}")
