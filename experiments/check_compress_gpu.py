@@ -8,7 +8,7 @@ Per case: max abs / rel error (of max |ref|) of the kernel's entries against the
 entries more than 1% off), then the median of N synced runs after a warm-up of the kernel and of the reference, as GB/s
 moved (kv + score bytes read + entries written, as experiments/bench_kernels.py `_bench_compress` counts) and
 as a fraction of the copy bandwidth measured in the same run. A tuning sweep (slots per CTA × stages in flight)
-at the Flash 128K shape follows. A watchdog ends the run if a case passes its time limit (a hung kernel).
+at the Flash 128K shape follows (pass the best as GROUP / STAGES / STAGE_BYTES in gpu.py). A watchdog ends the run if a case passes its time limit (a hung kernel).
 Prints as it goes.
 """
 
@@ -131,26 +131,29 @@ def main():
     faulthandler.cancel_dump_traceback_later()
   if not args.no_sweep:
     S = sizes[-1]
-    print(f"tuning sweep, Flash CSA S={S} (group = slots per CTA, stages = stages in flight):", flush=True)
+    print(f"tuning sweep, Flash CSA S={S} (group = slots per CTA, stages = stages in flight, stage = bytes of "
+          "kv + score rows per stage):", flush=True)
     a = inputs(S, 4, True, bf16, f32)
     spec = reference.Spec(ratio=4, overlap=True, rope_freqs=FREQS, eps=1e-6, out_dtype="bfloat16")
     moved = a[0].size * 2 + a[1].size * 4 + a[4].shape[1] * C_HEAD * 2
     interpret = None if jax.default_backend() == "gpu" else gpu.plgpu.InterpretGPUParams()
-    for group in (16,) if args.small else (16, 32, 64):
-      for stages in (2,) if args.small else (2, 3, 4):
-        if time.time() - t_start > 160:
-          print("  (time budget spent)", flush=True)
-          break
-        faulthandler.dump_traceback_later(args.case_limit_s, exit=True)
-        try:
-          f = jax.jit(functools.partial(gpu.compress_gpu, spec=spec, interpret=interpret, group=group,
-                                        stages=stages))
-          t = timed(f, *a, n=args.n)
-          print(f"  group {group:>2} stages {stages}: {t * 1e3:8.3f} ms  {moved / t / 1e9:7.0f} GB/s  "
-                f"{moved / t / copy_bw:6.1%} of copy", flush=True)
-        except Exception as e:  # noqa: BLE001
-          print(f"  group {group} stages {stages}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-        faulthandler.cancel_dump_traceback_later()
+    # (slots per CTA, stages in flight, stage KiB): 12 KiB stages (2 rows, ~90 KiB of SMEM) fit two CTAs per SM
+    configs = [(16, 2, 24)] if args.small else [(16, 2, 24), (16, 3, 24), (32, 2, 24), (32, 3, 24), (64, 2, 24),
+                                                (64, 3, 24), (16, 2, 12), (16, 4, 12), (32, 4, 12)]
+    for group, stages, kib in configs:
+      if time.time() - t_start > 165:
+        print("  (time budget spent)", flush=True)
+        break
+      faulthandler.dump_traceback_later(args.case_limit_s, exit=True)
+      try:
+        f = jax.jit(functools.partial(gpu.compress_gpu, spec=spec, interpret=interpret, group=group, stages=stages,
+                                      stage_bytes=kib * 1024))
+        t = timed(f, *a, n=args.n)
+        print(f"  group {group:>2} stages {stages} stage {kib:>2} KiB: {t * 1e3:8.3f} ms  {moved / t / 1e9:7.0f} "
+              f"GB/s  {moved / t / copy_bw:6.1%} of copy", flush=True)
+      except Exception as e:  # noqa: BLE001
+        print(f"  group {group} stages {stages} stage {kib} KiB: {type(e).__name__}: {str(e)[:200]}", flush=True)
+      faulthandler.cancel_dump_traceback_later()
   print(f"total {time.time() - t_start:.0f} s", flush=True)
 
 

@@ -30,7 +30,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.compress import reference
 
 GROUP = 16  # slots per CTA (at least 128 / (r/2), the RoPE sub-batch)
-STAGES = 2  # stages in flight (L); the ring holds L + m/RC with the overlap (Flash CSA: 3, ~105 KiB of SMEM)
+STAGES = 2  # stages in flight (L); the ring holds L + m/RC with the overlap (Flash CSA: 3; 109 KiB of SMEM)
 STAGE_BYTES = 24 * 1024  # kv + score bytes of one stage (RC whole rows)
 MAX_HELD = 4  # overlap: the ring keeps the previous slot's m/RC block stages when that is at most this
 APE_RESIDENT_BYTES = 32 * 1024  # ape [m, C] float32 stays in SMEM up to this size, else it streams per stage
@@ -54,14 +54,13 @@ def supports(c: int, spec) -> bool:
   return c % 2 == 0 and r2 & (r2 - 1) == 0 and r2 <= 128
 
 
-def stage_rows(m: int, row_bytes: int) -> int:
-  """RC: the largest divisor of m whose RC rows fit STAGE_BYTES (at least 1)."""
-  return max([d for d in range(1, m + 1) if m % d == 0 and d * row_bytes <= STAGE_BYTES] or [1])
+def stage_rows(m: int, row_bytes: int, stage_bytes: int) -> int:
+  """RC: the largest divisor of m whose RC rows fit stage_bytes (at least 1)."""
+  return max([d for d in range(1, m + 1) if m % d == 0 and d * row_bytes <= stage_bytes] or [1])
 
 
 def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
-            kv_buf, sc_buf, ape_buf, w_smem, meta_smem, cos_smem, sin_smem, out_st, pair_st, init_bar,
-            loaded,
+            kv_buf, sc_buf, ape_buf, meta_smem, out_st, pair_st, init_bar, loaded,
             *, m, c, cp, overlap, RC, G, L, H, V, eps, out_dtype, ape_resident, r2, Sp):
   g, b = lax.axis_index("g"), lax.axis_index("b")
   W = (2 if overlap else 1) * m  # window rows of a slot
@@ -70,9 +69,6 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
   K = L + H  # ring: L stages in flight, H consumed ones kept (a slot's overlap stages may be the previous slot's)
 
   _copy(meta_ref.at[b, g], meta_smem, init_bar)
-  _copy(cos_ref.at[b, g], cos_smem, init_bar)
-  _copy(sin_ref.at[b, g], sin_smem, init_bar)
-  _copy(w_ref, w_smem, init_bar)
   if ape_resident:
     _copy(ape_ref, ape_buf, init_bar)
   plgpu.barrier_wait(init_bar)
@@ -146,7 +142,7 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
     issue_if_needed(t + L)
     return new, s, acc
 
-  w = load(w_smem)
+  w = load(w_ref)  # GMEM loads (w, cos, sin are read once per CTA): less SMEM, two CTAs per SM
 
   @pl.loop(0, G)
   def _slot(k):
@@ -174,7 +170,7 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
     plgpu.commit_smem()
     even, odd = pair_st.at[rows, :, 0], pair_st.at[rows, :, 1]  # one (re, im) per thread
     x0, x1 = even[...].astype(_F32), odd[...].astype(_F32)
-    cos, sin = cos_smem[rows], sin_smem[rows]
+    cos, sin = cos_ref[b, g, rows], sin_ref[b, g, rows]
     even[...] = (x0 * cos - x1 * sin).astype(out_dtype)
     odd[...] = (x0 * sin + x1 * cos).astype(out_dtype)
     plgpu.commit_smem()
@@ -189,11 +185,12 @@ def _vec_size(cp: int) -> int:
 
 
 def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, positions_BN, spec, *,
-                 fp8: bool = False, interpret=None, group: int | None = None, stages: int | None = None):
+                 fp8: bool = False, interpret=None, group: int | None = None, stages: int | None = None,
+                 stage_bytes: int | None = None):
   """Entries [B, N, c] in spec.out_dtype (as compress_reference), or with fp8 the packed uint8 rows (the
   reference's packer applied to the kernel's entries). `interpret`: None on an NVIDIA GPU, or a
-  `plgpu.InterpretGPUParams` to run in GPU interpret mode. `group` (slots per CTA) and `stages` (stages in
-  flight) override GROUP and STAGES (tuning)."""
+  `plgpu.InterpretGPUParams` to run in GPU interpret mode. `group` (slots per CTA), `stages` (stages in
+  flight) and `stage_bytes` override GROUP, STAGES and STAGE_BYTES (tuning)."""
   B, S = kv_BSC.shape[:2]
   c = weight_C.shape[0]
   N = end_BN.shape[1]
@@ -211,7 +208,7 @@ def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, posit
   G = max(group or GROUP, 128 // r2)
   Np = _round_up(N, G)
   row_bytes = Cp * (jnp.dtype(kv_BSC.dtype).itemsize + jnp.dtype(score_BSC.dtype).itemsize)
-  RC = stage_rows(m, row_bytes)
+  RC = stage_rows(m, row_bytes, stage_bytes or STAGE_BYTES)
   Sp = max(S, RC)
 
   def rows(x):  # [B, S, coff·c] -> [B, Sp, coff·cp]: channel halves padded to cp, rows to at least RC
@@ -240,15 +237,12 @@ def compress_gpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, posit
       jax.ShapeDtypeStruct((K, RC, Cp), kv_BSC.dtype),
       jax.ShapeDtypeStruct((K, RC, Cp), score_BSC.dtype),
       jax.ShapeDtypeStruct((m, Cp) if ape_resident else (K, RC, Cp), _F32),
-      jax.ShapeDtypeStruct((cp,), _F32),
       jax.ShapeDtypeStruct((2, G), jnp.int32),
-      jax.ShapeDtypeStruct((G, r2), _F32),
-      jax.ShapeDtypeStruct((G, r2), _F32),
       jax.ShapeDtypeStruct((G, cp), out_dtype),
       jax.ShapeDtypeStruct((G, r2, 2), out_dtype),  # the rope dims as (re, im) pairs
   ]
   scratch = [plgpu.SMEM(x.shape, x.dtype) for x in scratch] + [
-      plgpu.Barrier(num_arrivals=5 if ape_resident else 4),
+      plgpu.Barrier(num_arrivals=2 if ape_resident else 1),
       plgpu.Barrier(num_arrivals=2 if ape_resident else 3, num_barriers=K)]
   call = plgpu.kernel(
       kernel,
