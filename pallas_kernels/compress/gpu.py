@@ -65,56 +65,63 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
   g, b = lax.axis_index("g"), lax.axis_index("b")
   W = (2 if overlap else 1) * m  # window rows of a slot
   nc = W // RC  # stages per slot
-  T = G * nc  # stages per CTA
-  K = L + H  # ring: L stages in flight, H consumed ones kept (a slot's overlap stages may be the previous slot's)
+  K = L + H  # ring: L copies in flight, the H last consumed kept (the next slot's overlap stages may be them)
 
   _copy(meta_ref.at[b, g], meta_smem, init_bar)
   if ape_resident:
     _copy(ape_ref, ape_buf, init_bar)
   plgpu.barrier_wait(init_bar)
 
-  def aliased(t):  # stage t reads the buffer of stage t - H (the same rows: the previous slot's block)
+  def aliased(k, j):  # stage (k, j) is the previous slot's block stage j + H (same rows): no copy of its own
     if not H:
       return None
-    k, j = jnp.minimum(lax.div(t, nc), G - 1), lax.rem(t, nc)  # t may run past the CTA's last stage
+    k = jnp.minimum(k, G - 1)  # the issue cursor may run past the CTA's last slot
     prev_end = meta_smem[0, jnp.maximum(k - 1, 0)]
     return (j < H) & (k > 0) & (prev_end >= 0) & (meta_smem[0, k] == prev_end + m)
 
-  def issue(t):
-    k, j = lax.div(t, nc), lax.rem(t, nc)
-    first = jnp.clip(meta_smem[0, k] - W + 1 + j * RC, 0, Sp - RC)
-    slot = lax.rem(t, K)
-    _copy(kv_ref.at[b, pl.ds(first, RC)], kv_buf.at[slot], loaded.at[slot])
-    _copy(sc_ref.at[b, pl.ds(first, RC)], sc_buf.at[slot], loaded.at[slot])
-    if not ape_resident:
-      _copy(ape_ref.at[pl.ds(lax.rem(j * RC, m), RC)], ape_buf.at[slot], loaded.at[slot])
+  def skip_aliased(k, j):
+    alias = aliased(k, j)
+    return (k, j) if alias is None else (k, jnp.where(alias, H, j))
 
-  def issue_if_needed(t):
-    alias = aliased(t)
-    @pl.when((t < T) if alias is None else (t < T) & jnp.logical_not(alias))
+  def issue(cursor, when=None):
+    """Copies stage (k, j) into ring buffer q % K when k < G (and `when`); returns the next copy's cursor."""
+    k, j, q = cursor
+    live = k < G if when is None else (k < G) & when
+
+    @pl.when(live)
     def _():
-      issue(t)
+      first = jnp.clip(meta_smem[0, k] - W + 1 + j * RC, 0, Sp - RC)
+      slot = lax.rem(q, K)
+      _copy(kv_ref.at[b, pl.ds(first, RC)], kv_buf.at[slot], loaded.at[slot])
+      _copy(sc_ref.at[b, pl.ds(first, RC)], sc_buf.at[slot], loaded.at[slot])
+      if not ape_resident:
+        _copy(ape_ref.at[pl.ds(lax.rem(j * RC, m), RC)], ape_buf.at[slot], loaded.at[slot])
 
-  for t in range(L):  # prologue
-    issue_if_needed(jnp.int32(t))
+    wrap = j + 1 == nc
+    nk, nj = skip_aliased(jnp.where(wrap, k + 1, k), jnp.where(wrap, 0, j + 1))
+    return jnp.where(live, nk, k), jnp.where(live, nj, j), jnp.where(live, q + 1, q)
+
+  cursor = (jnp.int32(0), jnp.int32(0), jnp.int32(0))  # next copy: slot, stage, copy index
+  for _ in range(L):  # prologue: the first L copies in flight
+    cursor = issue(cursor)
 
   strided = plgpu.Layout.WG_STRIDED((cp,), vec_size=V)
   load = lambda ref: plgpu.load(ref, layout=strided).astype(_F32)
 
-  def stage(k, j, has_prev, state):
-    """Online-softmax update of slot k's state with its stage j (RC rows)."""
-    mx, s, acc = state
-    t = k * nc + j
-    alias = aliased(t)
+  def stage(k, j, has_prev, carry):
+    """Online-softmax update of slot k's state with its stage j (RC rows); the copy stream moves on by one
+    copy when this stage had one (q: copies consumed so far)."""
+    (mx, s, acc), q, cursor = carry
+    alias = aliased(k, j)
     if alias is None:
-      buf = lax.rem(t, K)
+      buf = lax.rem(q, K)
       plgpu.barrier_wait(loaded.at[buf])
     else:
-      buf = jnp.where(alias, lax.rem(t + K - H, K), lax.rem(t, K))
+      buf = jnp.where(alias, lax.rem(q + K - H + j, K), lax.rem(q, K))  # held: copies q - H .. q - 1
 
       @pl.when(jnp.logical_not(alias))
       def _():
-        plgpu.barrier_wait(loaded.at[lax.rem(t, K)])
+        plgpu.barrier_wait(loaded.at[lax.rem(q, K)])
 
     if overlap:
       in_prev = j * RC < m
@@ -138,34 +145,41 @@ def _kernel(kv_ref, sc_ref, ape_ref, w_ref, meta_ref, cos_ref, sin_ref, out_ref,
     for lg, row in zip(logits, rows):
       p = jnp.exp(lg - new)
       s, acc = s + p, acc + p * row
-    plgpu.commit_smem()  # every thread is done with buffer (t - H) % K: the next copy may overwrite it
-    issue_if_needed(t + L)
-    return new, s, acc
+    plgpu.commit_smem()  # every thread is done with this stage's buffer before a copy may overwrite it
+    if alias is None:
+      return (new, s, acc), q + 1, issue(cursor)
+    consumed = jnp.logical_not(alias)  # a copy was consumed: the next one goes in flight
+    return (new, s, acc), jnp.where(consumed, q + 1, q), issue(cursor, consumed)
 
   w = load(w_ref)  # GMEM loads (w, cos, sin are read once per CTA): less SMEM, two CTAs per SM
 
-  @pl.loop(0, G)
-  def _slot(k):
+  def slot_body(k, carry):
+    q, cursor = carry
     has_prev = meta_smem[1, k]
     zeros = jnp.zeros((cp,), _F32)
     state = (plgpu.layout_cast(jnp.full((cp,), _NEG, _F32), strided), plgpu.layout_cast(zeros, strided),
              plgpu.layout_cast(zeros, strided))
+    carry = (state, q, cursor)
     if nc <= 2:
       for j in range(nc):
-        state = stage(k, jnp.int32(j), has_prev, state)
+        carry = stage(k, jnp.int32(j), has_prev, carry)
     else:
-      state = lax.fori_loop(0, nc, lambda j, st: stage(k, j, has_prev, st), state)
+      carry = lax.fori_loop(0, nc, lambda j, cr: stage(k, j, has_prev, cr), carry)
+    state, q, cursor = carry
     _, s, acc = state
     y = (acc / s).astype(out_dtype).astype(_F32)
     inv = lax.rsqrt(jnp.sum(y * y) / c + eps)
     entry = (y * inv * w).astype(out_dtype)
     out_st[k] = jnp.where(meta_smem[0, k] >= 0, entry, jnp.zeros_like(entry))
+    return q, cursor
+
+  lax.fori_loop(0, G, slot_body, (jnp.int32(0), cursor))
 
   plgpu.commit_smem()  # the whole tile is written
   gs = 128 // r2  # slots per RoPE sub-batch: one pair per thread
   lanes = pl.ds(c - 2 * r2, 2 * r2)  # the rope dims
-  for q in range(G // gs):
-    rows = pl.ds(q * gs, gs)
+  for h in range(G // gs):
+    rows = pl.ds(h * gs, gs)
     pair_st[rows] = out_st[rows, lanes].reshape(gs, r2, 2)  # [gs, r] -> pairs (a contiguous copy)
     plgpu.commit_smem()
     even, odd = pair_st.at[rows, :, 0], pair_st.at[rows, :, 1]  # one (re, im) per thread
