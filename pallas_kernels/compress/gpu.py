@@ -1,20 +1,22 @@
 """Mosaic GPU (Hopper) kernel of blockwise compression (forward): gated pooling, RMSNorm and RoPE in one pass.
 
 One CTA (one warpgroup) per (group of G slots, batch row). A slot's window is its m rows (2m with the CSA
-overlap: the m rows before the block through channels [:c], the block through [c:]), streamed in stages of RC
+overlap: the m rows before the block through channels [:c], the block through [c:]), read in stages of RC
 whole rows (RC | m): each stage is one contiguous bulk TMA copy (cp.async.bulk, no tensor map) per input (kv,
-score; and the ape rows when ape [m, C] does not stay resident), into a ring of K = L + H stage buffers with L
-stages in flight. With the overlap, the ring also keeps the H = m/RC stages last consumed: a slot whose previous
-slot (same CTA) is the block just before it reads its overlap rows from those buffers instead of copying them
-again, so a run of consecutive blocks reads every row once (Flash CSA: RC = m = 4, H = 1). Empty slots and
-missing overlaps copy clamped real rows and are masked.
+score; and the ape rows when ape [m, C] does not stay resident). The copies form a stream into a ring of
+K = L + H buffers with L copies in flight. With the overlap the ring also keeps the H = m/RC copies last
+consumed: a slot whose previous slot (same CTA) is the block just before it takes its overlap stages from those
+buffers and copies nothing for them, so a run of consecutive blocks reads every row once (Flash CSA: RC = m = 4,
+H = 1, one 24 KiB copy per slot). Empty slots and missing overlaps copy clamped real rows and are masked.
 
 Math per slot, in float32 registers (1-D [c] arrays in the warpgroup-strided layout, c/128 channels per thread):
 an online softmax over the stages (running max, sum, weighted kv), the pooled vector cast to out_dtype,
 RMSNorm (one warpgroup reduction per slot), written to an SMEM tile [G, c]. RoPE runs once per CTA on that tile,
 Gs = 128 / (r/2) slots at a time: their rope dims are copied to a [Gs, r/2, 2] pair buffer, whose even / odd
 views (one pair per thread) are rotated with XLA-computed cos / sin [G, r/2] and copied back; then one bulk TMA
-store of [G, c]. Requirements (`supports`): c even, r/2 a power of two <= 128 (production: c 512 or 128, r 64)."""
+store of [G, c]. Requirements (`supports`): c even, r/2 a power of two <= 128 (production: c 512 or 128, r 64).
+SMEM at Flash CSA (bf16 kv, f32 score, defaults): 109 KiB, two CTAs per SM. Checked on the CPU (GPU interpret
+mode, the CUDA lowering: tests/test_compress_gpu.py); on the H200: experiments/check_compress_gpu.py."""
 
 from __future__ import annotations
 
