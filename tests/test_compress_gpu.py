@@ -174,3 +174,14 @@ def test_lowers_for_cuda_at_benchmark_shape(ratio, overlap):
   exported = jax.export.export(jax.jit(lambda *a: gpu.compress_gpu(*a, spec)), platforms=["cuda"])(*shapes)
   text = exported.mlir_module()
   assert "mosaic_gpu" in text and exported.out_avals[0].shape == (1, N, c)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the compiled kernel needs an NVIDIA Hopper GPU")
+@pytest.mark.parametrize("shape", [(2, 160, 256, 64, 4, True), (1, 100, 72, 16, 16, False),
+                                   (1, 512, 512, 64, 128, False)])
+def test_compiled_kernel_matches_reference(shape):
+  B, S, c, rope, ratio, overlap = shape
+  args, freqs = drawn(10, B, S, c, rope, ratio, overlap, [13, 70], "bfloat16")
+  op = functools.partial(pallas_kernels.compress, ratio=ratio, rope_freqs=tuple(freqs))
+  got, want = op(*args, implementation="gpu"), op(*args, implementation="reference")
+  check(got.astype(jnp.float32), want.astype(jnp.float32), 2e-2)
