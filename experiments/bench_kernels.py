@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pallas_kernels  # noqa: E402
 from pallas_kernels.compress import block_slots  # noqa: E402
+from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: E402
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 
 WINDOW = 128
@@ -208,6 +209,14 @@ def main():
       ratio = f"{row['dm'] / row['k']:.1f}×" if "dm" in row and "k" in row else "-"
       emit(f"| {name} H={H} k={topk} | {S} | fwd | {k_ms} | {k_tf:.1f} | {k_tf * 1e12 / mm_flops:.1%} | {r_ms} | "
            f"{r_tf:.1f} | {dm} | {ratio} | {cud} |")
+      if on_gpu and not over():  # the same forward with the score tile split between the compute warpgroups
+        try:
+          t_rows = median_time(jax.jit(functools.partial(sparse_attention_gpu, scale=scale, split="rows")),
+                               q, kv, sink, idx)
+          emit(f"| {name} H={H} k={topk} | {S} | fwd, split=\"rows\" | {t_rows * 1e3:.2f} | "
+               f"{fwd_flops / t_rows / 1e12:.1f} | {fwd_flops / t_rows / mm_flops:.1%} | | | | | |")
+        except Exception as e:  # noqa: BLE001
+          emit(f"| {name} | {S} | fwd, split=\"rows\" | {type(e).__name__} | | | | | | | |")
       if over():
         continue
       # forward + backward through the op (the shared custom_vjp)

@@ -4,18 +4,24 @@ One CTA per (query, group of 64 heads): the heads are the M = 64 rows of every W
 share each gathered key, as on the TPU kernel. 2 + MEM_WGS warpgroups:
 
   * MEM_WGS = 2 memory warpgroups gather, per step, the BLOCK_K = 64 kv rows the query selected into a
-    shared-memory slot (rows j = w mod MEM_WGS from warpgroup w). Hopper has no gather TMA, so each row goes as
-    D/64 bulk copies of 64 columns (one 128-byte swizzle atom row each), straight into the swizzled layout WGMMA
-    reads; SLOTS slots let the gather of step i+1 overlap the math of step i. Issuing those copies is the
-    bound today (H200: 51.5 TFLOP/s with one memory warpgroup, 75.8 with two; experiments/results/kernels.md);
+    shared-memory slot; SLOTS slots let the gather of step i+1 overlap the math of step i. Hopper has no gather
+    TMA. gather="cp_async" (default): every memory thread issues 16-byte cp.async copies straight into the
+    128-byte-swizzled layout WGMMA reads (an inline Mosaic GPU routine), waits for its own copies, fences them
+    for the async proxy and arrives. gather="tma": one bulk copy per 128-byte atom row, each issued by a single
+    thread with its own barrier arrival (5,120 copies per query at K = 640): 3.3-4.4x slower on the H200, the
+    issue rate being its bound (experiments/results/kernels.md);
   * two compute warpgroups each own half of the D output columns (a [64, D/2] float32 accumulator; the whole
-    [64, D] would not fit in one warpgroup's registers). Each computes the full score tile S = Q·Kᵀ (D/64
-    WGMMAs of K = 64), the online softmax with the sink folded in as an extra logit of value 0 (m starts at the
-    sink, l at 1), and P·V for its columns.
+    [64, D] would not fit in one warpgroup's registers) and run the online softmax with the sink folded in as an
+    extra logit of value 0 (m starts at the sink, l at 1). split="none" (default): each computes the full score
+    tile S = Q·Kᵀ of the step (D/64 WGMMAs of K = 64), so the score work is done twice. split="rows": each scores
+    half of the step's rows, the two exchange their row maxima and write their half of P into one shared tile
+    (an inline routine: Pallas stores whole swizzle atoms only), then each multiplies the whole P by its columns
+    of V; a third less tensor work, but the warpgroups now run in lockstep (two exchanges per step), so one's
+    softmax no longer hides behind the other's WGMMAs.
 
-Shared memory: Q [D/64, 64, 64] + SLOTS × K [D/64, 64, 64] in bf16 (64 + 128 KiB at D = 512). The gathered slot is
-viewed two ways (a RefUnion): without tiling for the one-row copies, with (8, 64) tiling for WGMMA; at 64 columns
-the two layouts coincide byte for byte. Index -1 fetches row 0 and is masked to -inf.
+Shared memory: Q [D/64, 64, 64] + SLOTS × K [D/64, 64, 64] + P [64, 64] in bf16 (64 + 128 + 8 KiB at D = 512). The
+gathered slot is viewed two ways (a RefUnion): without tiling for the one-row TMA copies, with (8, 64) tiling for
+WGMMA; at 64 columns the two layouts coincide byte for byte. Index -1 fetches row 0 and is masked to -inf.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ BLOCK_K = 64  # selected keys per pipeline step
 CHUNK = 64  # columns per swizzle atom (128 bytes of bf16)
 SLOTS = 2  # gather slots in flight
 MEM_WGS = 2  # warpgroups issuing the gather copies
+SPLIT = "none"  # "rows": each compute warpgroup scores half of a step's rows, P is exchanged through SMEM
 GATHER = "cp_async"  # how rows are gathered: 16-byte cp.async by every memory thread, or "tma" (one bulk copy
                      # per 128-byte atom row, issued by one thread each)
 _MAX_GRID_ROWS = 65535
@@ -45,6 +52,36 @@ _OUT_KWARG = "out_type" if "out_type" in inspect.signature(plgpu.kernel).paramet
 
 def _round_up(x, m):
   return -(-x // m) * m
+
+
+def _store_column_half(half_k: int):
+  """An inline Mosaic GPU routine run by both compute warpgroups: store warpgroup w's [64, half_k] block of P (16-bit,
+  WGMMA register layout) into columns [w·half_k, (w+1)·half_k) of the [64, 2·half_k] P tile in the (8, 64)-tiled,
+  128-byte-swizzled layout WGMMA reads (Pallas stores whole swizzle atoms only; these are half atoms)."""
+  from jax._src.lib.mlir import ir  # noqa: PLC0415
+  from jax._src.lib.mlir.dialects import arith, llvm  # noqa: PLC0415
+  from jax.experimental.mosaic import gpu as mgpu  # noqa: PLC0415
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType((plgpu.TilingTransform((8, CHUNK)),
+                                                                    plgpu.SwizzleTransform(128)))))
+  def store(_, p, p_smem):
+    i8, i32 = ir.IntegerType.get_signless(8), ir.IntegerType.get_signless(32)
+
+    def c(v):
+      return arith.constant(i32, v)
+
+    col0 = arith.muli(arith.divui(mgpu.utils.thread_idx(), c(128)), c(half_k))
+    base = mgpu.utils.memref_ptr(p_smem)
+    for (row, col), reg in zip(p.layout.thread_idxs(p.shape), p.registers.flat, strict=True):
+      row, col = arith.index_cast(i32, row), arith.addi(arith.index_cast(i32, col), col0)
+      r8 = arith.remui(row, c(8))
+      unit = arith.xori(arith.divui(col, c(8)), r8)  # the 16-byte unit after the swizzle
+      byte = arith.addi(arith.addi(arith.muli(arith.divui(row, c(8)), c(1024)), arith.muli(r8, c(128))),
+                        arith.addi(arith.muli(unit, c(16)), arith.muli(arith.remui(col, c(8)), c(2))))
+      llvm.store(reg, mgpu.utils.getelementptr(base, [byte], i8))
+    return ()
+
+  return store
 
 
 def _cp_async_gather(mem_wgs: int, dp: int, block_k: int):
@@ -96,7 +133,7 @@ def _cp_async_gather(mem_wgs: int, dp: int, block_k: int):
   return copy_block
 
 
-def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs, gather):
+def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs, gather, split):
   nch = dp // CHUNK  # column chunks of D
   half = nch // 2  # chunks of the output owned by each compute warpgroup
   nblk = kp // block_k
@@ -107,7 +144,7 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
   swizzled = (plgpu.SwizzleTransform(128),)
 
   def body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, lse_ref, q_smem, slots, idx_smem, sink_smem, lse_smem,
-           q_bar, loaded, consumed, done):
+           q_bar, loaded, consumed, done, p_smem, xch_smem, xch_bar):
     k_tiled, k_rows = slots
     n = lax.axis_index("n")
     hg = lax.axis_index("hg")
@@ -162,7 +199,81 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
           copy_block(kv_ref, idx_smem.at[blk], k_rows.at[slot])  # returns once this thread's copies landed
           plgpu.barrier_arrive(loaded.at[slot])
 
-    @pl.when(wg < 2)
+    def _compute_split():
+      plgpu.set_max_registers(compute_regs, action="increase")
+      plgpu.barrier_wait(q_bar)
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      half_k = BLOCK_K // 2
+      store_half = _store_column_half(half_k)
+      mine = pl.ds(pl.multiple_of(wg * half_k, half_k), half_k)  # this warpgroup's rows of each step
+      m_i = plgpu.load(sink_smem, layout=row_layout) * _LOG2E  # the sink: a logit whose value is 0
+      l_i = jnp.ones_like(m_i) * 0.5  # each warpgroup holds half of the sink's weight; the halves are summed
+      acc = plgpu.layout_cast(jnp.zeros((BLOCK_H, half * CHUNK), jnp.float32), plgpu.Layout.WGMMA)
+
+      def exchange(x, k):  # (this warpgroup's row vector, the other's): one round through shared memory
+        xch_smem[k, wg] = x
+        plgpu.barrier_arrive(xch_bar.at[k])
+        plgpu.barrier_wait(xch_bar.at[k])
+        return plgpu.load(xch_smem.at[k, 1 - wg], layout=row_layout)
+
+      def step(blk, carry):
+        acc, m_i, l_i = carry
+        slot = lax.rem(blk, SLOTS)
+        plgpu.barrier_wait(loaded.at[slot])
+
+        def qk(acc_ref):
+          for c in range(nch):
+            plgpu.wgmma(acc_ref, q_smem.at[c], k_tiled.at[slot, c, mine].transpose((1, 0)))
+          return acc_ref[...]
+
+        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, half_k), jnp.float32))
+        valid = plgpu.load(idx_smem.at[blk, mine], layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
+        s = jnp.where(lax.broadcast_in_dim(valid, s.shape, [1]), s * (scale * _LOG2E), -jnp.inf)
+        m_new = jnp.maximum(m_i, s.max(axis=1))
+        m_new = jnp.maximum(m_new, exchange(m_new, 0))
+        alpha = jnp.exp2(m_i - m_new)
+        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        l_i = l_i * alpha + p.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        store_half(p.astype(dtype), p_smem)
+        plgpu.commit_smem()
+        plgpu.barrier_arrive(xch_bar.at[1])
+        plgpu.barrier_wait(xch_bar.at[1])  # both halves of P are in p_smem
+
+        def pv(acc_ref):
+          for c in range(half):
+            plgpu.wgmma(acc_ref.at[:, pl.ds(c * CHUNK, CHUNK)], p_smem, k_tiled.at[slot, wg * half + c])
+
+        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
+        plgpu.barrier_arrive(consumed.at[slot])
+        return acc, m_new, l_i
+
+      acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc, m_i, l_i))
+      l_i = l_i + exchange(l_i, 0)
+      finish(acc, m_i, l_i)
+
+    def finish(acc, m_i, l_i):  # out = acc / l into q_smem (free once both warpgroups are done), then to HBM
+      acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
+      plgpu.barrier_arrive(done)
+      plgpu.barrier_wait(done)  # both warpgroups are past their last read of q_smem
+      for c in range(half):
+        q_smem[wg * half + c] = acc[:, c * CHUNK:(c + 1) * CHUNK].astype(dtype)
+
+      @pl.when(wg == 0)
+      def _():
+        lse_smem[...] = (m_i + jnp.log2(l_i)) / _LOG2E
+
+      plgpu.commit_smem()
+      for c in range(half):
+        cc = wg * half + c
+        plgpu.copy_smem_to_gmem(q_smem.at[cc], out_ref.at[n, heads, pl.ds(cc * CHUNK, CHUNK)])
+
+      @pl.when(wg == 0)
+      def _():
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[n, heads])
+
+      plgpu.wait_smem_to_gmem(0)
+
     def _compute():
       plgpu.set_max_registers(compute_regs, action="increase")
       plgpu.barrier_wait(q_bar)
@@ -200,35 +311,18 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
         return acc, m_new, l_i
 
       acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc, m_i, l_i))
-      acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
-      plgpu.barrier_arrive(done)
-      plgpu.barrier_wait(done)  # both warpgroups are past their last read of q_smem
-      for c in range(half):
-        q_smem[wg * half + c] = acc[:, c * CHUNK:(c + 1) * CHUNK].astype(dtype)
+      finish(acc, m_i, l_i)
 
-      @pl.when(wg == 0)
-      def _():
-        lse_smem[...] = (m_i + jnp.log2(l_i)) / _LOG2E
-
-      plgpu.commit_smem()
-      for c in range(half):
-        cc = wg * half + c
-        plgpu.copy_smem_to_gmem(q_smem.at[cc], out_ref.at[n, heads, pl.ds(cc * CHUNK, CHUNK)])
-
-      @pl.when(wg == 0)
-      def _():
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[n, heads])
-
-      plgpu.wait_smem_to_gmem(0)
+    pl.when(wg < 2)(_compute_split if split == "rows" else _compute)
 
   def entry(q_ref, kv_ref, idx_ref, sink_ref, out_ref, lse_ref):
     slot_bytes = (SLOTS, nch, BLOCK_K, CHUNK)
     slots = plgpu.RefUnion(plgpu.SMEM(slot_bytes, dtype, transforms=tiled),
                            plgpu.SMEM(slot_bytes, dtype, transforms=swizzled))
     pl.run_scoped(
-        lambda q_smem, slots, idx_smem, sink_smem, lse_smem, q_bar, loaded, consumed, done: body(
-            q_ref, kv_ref, idx_ref, sink_ref, out_ref, lse_ref, q_smem, slots, idx_smem, sink_smem, lse_smem,
-            q_bar, loaded, consumed, done),
+        lambda q_smem, slots, idx_smem, sink_smem, lse_smem, q_bar, loaded, consumed, done, p_smem, xch_smem,
+        xch_bar: body(q_ref, kv_ref, idx_ref, sink_ref, out_ref, lse_ref, q_smem, slots, idx_smem, sink_smem,
+                      lse_smem, q_bar, loaded, consumed, done, p_smem, xch_smem, xch_bar),
         plgpu.SMEM((nch, BLOCK_H, CHUNK), dtype, transforms=tiled),
         slots,
         plgpu.SMEM((nblk, BLOCK_K), jnp.int32),  # 2-D: a bulk copy moves <= 256 per dim
@@ -238,6 +332,9 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
         plgpu.Barrier(num_arrivals=BLOCK_K * nch if gather == "tma" else mem_wgs, num_barriers=SLOTS),
         plgpu.Barrier(num_arrivals=2, num_barriers=SLOTS),
         plgpu.Barrier(num_arrivals=2),
+        plgpu.SMEM((BLOCK_H, BLOCK_K), dtype, transforms=tiled),  # P of a step ("rows": each warpgroup's half)
+        plgpu.SMEM((2, 2, BLOCK_H), jnp.float32),  # row maxima / sums exchanged between the compute warpgroups
+        plgpu.Barrier(num_arrivals=2, num_barriers=2),
         collective_axes="wg",
     )
 
@@ -254,10 +351,11 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
   )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "slots", "mem_wgs", "gather"))
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "block_k", "slots", "mem_wgs", "gather",
+                                             "split"))
 def sparse_attention_gpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, interpret=None,
                          block_k: int = BLOCK_K, slots: int = SLOTS, mem_wgs: int = MEM_WGS,
-                         gather: str = GATHER):
+                         gather: str = GATHER, split: str = SPLIT):
   """(out [B,S,H,D] in q's dtype, lse [B,S,H] float32) by the Mosaic GPU kernel; pads H, D and K internally.
 
   `interpret`: None on an NVIDIA GPU; an `plgpu.InterpretGPUParams` to run the kernel in GPU interpret mode."""
@@ -280,7 +378,9 @@ def sparse_attention_gpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, i
   idx = jnp.pad(idx, ((0, n_chunks * rows - n), (0, 0), (0, 0)), constant_values=-1)
   if gather not in ("cp_async", "tma"):
     raise ValueError(f"gather={gather!r}; expected 'cp_async' or 'tma'")
-  call = _forward_call(rows, B * T, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs, gather)
+  if split not in ("rows", "none"):
+    raise ValueError(f"split={split!r}; expected 'rows' or 'none'")
+  call = _forward_call(rows, B * T, hp, dp, kp, dtype, scale, interpret, block_k, slots, mem_wgs, gather, split)
   parts = [call(q[i * rows:(i + 1) * rows], kv, idx[i * rows:(i + 1) * rows], sink) for i in range(n_chunks)]
   out = jnp.concatenate([p[0] for p in parts])[:n] if n_chunks > 1 else parts[0][0]
   lse = jnp.concatenate([p[1] for p in parts])[:n] if n_chunks > 1 else parts[0][1]
