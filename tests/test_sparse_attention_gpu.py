@@ -61,10 +61,15 @@ def test_bf16_backward_matches_the_exact_backward():
 
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel needs an NVIDIA Hopper GPU")
 @pytest.mark.parametrize("shape", [(1, 5, 64, 512, 300, 200), (2, 3, 8, 128, 40, 70), (1, 4, 128, 512, 900, 640)])
-def test_gpu_kernel_matches_reference(shape):
+@pytest.mark.parametrize("variant", [{}, {"split": "none"}, {"gather": "tma"}])
+def test_gpu_kernel_matches_reference(shape, variant):
+  from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: PLC0415
   B, S, H, D, T, K = shape
   q, kv, sink, idx = _inputs(B, S, H, D, T, K)
-  out, lse = pallas_kernels.sparse_attention(q, kv, sink, idx, scale=D ** -0.5, implementation="gpu")
+  if variant:
+    out, lse = sparse_attention_gpu(q, kv, sink, idx, scale=D ** -0.5, **variant)
+  else:
+    out, lse = pallas_kernels.sparse_attention(q, kv, sink, idx, scale=D ** -0.5, implementation="gpu")
   ro, rl = sparse_attention_reference(q.astype(jnp.float32), kv.astype(jnp.float32), sink, idx, scale=D ** -0.5)
   np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ro), atol=1e-2)
   np.testing.assert_allclose(np.asarray(lse), np.asarray(rl), atol=1e-4)

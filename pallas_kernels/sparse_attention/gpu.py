@@ -12,8 +12,9 @@ share each gathered key, as on the TPU kernel. 2 + MEM_WGS warpgroups:
     issue rate being its bound (experiments/results/kernels.md);
   * two compute warpgroups each own half of the D output columns (a [64, D/2] float32 accumulator; the whole
     [64, D] would not fit in one warpgroup's registers) and run the online softmax with the sink folded in as an
-    extra logit of value 0 (m starts at the sink, l at 1). split="none" (default): each computes the full score
-    tile S = Q·Kᵀ of the step (D/64 WGMMAs of K = 64), so the score work is done twice. split="rows": each scores
+    extra logit of value 0 (m starts at the sink, l at 1). split="none": each computes the full score
+    tile S = Q·Kᵀ of the step (D/64 WGMMAs of K = 64), so the score work is done twice. split="rows" (default,
+    6-14% faster on the H200): each scores
     half of the step's rows, the two exchange their row maxima and write their half of P into one shared tile
     (an inline routine: Pallas stores whole swizzle atoms only), then each multiplies the whole P by its columns
     of V; a third less tensor work, but the warpgroups now run in lockstep (two exchanges per step), so one's
@@ -41,7 +42,7 @@ BLOCK_K = 64  # selected keys per pipeline step
 CHUNK = 64  # columns per swizzle atom (128 bytes of bf16)
 SLOTS = 2  # gather slots in flight
 MEM_WGS = 2  # warpgroups issuing the gather copies
-SPLIT = "none"  # "rows": each compute warpgroup scores half of a step's rows, P is exchanged through SMEM
+SPLIT = "rows"  # each compute warpgroup scores half of a step's rows, P is exchanged through SMEM ("none": both score all)
 GATHER = "cp_async"  # how rows are gathered: 16-byte cp.async by every memory thread, or "tma" (one bulk copy
                      # per 128-byte atom row, issued by one thread each)
 _MAX_GRID_ROWS = 65535
