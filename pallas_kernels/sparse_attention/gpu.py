@@ -200,59 +200,6 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
           copy_block(kv_ref, idx_smem.at[blk], k_rows.at[slot])  # returns once this thread's copies landed
           plgpu.barrier_arrive(loaded.at[slot])
 
-    def _compute_split():
-      plgpu.set_max_registers(compute_regs, action="increase")
-      plgpu.barrier_wait(q_bar)
-      row_layout = plgpu.Layout.WGMMA.reduce(1)
-      half_k = BLOCK_K // 2
-      store_half = _store_column_half(half_k)
-      mine = pl.ds(pl.multiple_of(wg * half_k, half_k), half_k)  # this warpgroup's rows of each step
-      m_i = plgpu.load(sink_smem, layout=row_layout) * _LOG2E  # the sink: a logit whose value is 0
-      l_i = jnp.ones_like(m_i) * 0.5  # each warpgroup holds half of the sink's weight; the halves are summed
-      acc = plgpu.layout_cast(jnp.zeros((BLOCK_H, half * CHUNK), jnp.float32), plgpu.Layout.WGMMA)
-
-      def exchange(x, k):  # (this warpgroup's row vector, the other's): one round through shared memory
-        xch_smem[k, wg] = x
-        plgpu.barrier_arrive(xch_bar.at[k])
-        plgpu.barrier_wait(xch_bar.at[k])
-        return plgpu.load(xch_smem.at[k, 1 - wg], layout=row_layout)
-
-      def step(blk, carry):
-        acc, m_i, l_i = carry
-        slot = lax.rem(blk, SLOTS)
-        plgpu.barrier_wait(loaded.at[slot])
-
-        def qk(acc_ref):
-          for c in range(nch):
-            plgpu.wgmma(acc_ref, q_smem.at[c], k_tiled.at[slot, c, mine].transpose((1, 0)))
-          return acc_ref[...]
-
-        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, half_k), jnp.float32))
-        valid = plgpu.load(idx_smem.at[blk, mine], layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
-        s = jnp.where(lax.broadcast_in_dim(valid, s.shape, [1]), s * (scale * _LOG2E), -jnp.inf)
-        m_new = jnp.maximum(m_i, s.max(axis=1))
-        m_new = jnp.maximum(m_new, exchange(m_new, 0))
-        alpha = jnp.exp2(m_i - m_new)
-        p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-        l_i = l_i * alpha + p.sum(axis=1)
-        acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        store_half(p.astype(dtype), p_smem)
-        plgpu.commit_smem()
-        plgpu.barrier_arrive(xch_bar.at[1])
-        plgpu.barrier_wait(xch_bar.at[1])  # both halves of P are in p_smem
-
-        def pv(acc_ref):
-          for c in range(half):
-            plgpu.wgmma(acc_ref.at[:, pl.ds(c * CHUNK, CHUNK)], p_smem, k_tiled.at[slot, wg * half + c])
-
-        acc = pl.run_state(pv)(plgpu.ACC.init(acc))
-        plgpu.barrier_arrive(consumed.at[slot])
-        return acc, m_new, l_i
-
-      acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc, m_i, l_i))
-      l_i = l_i + exchange(l_i, 0)
-      finish(acc, m_i, l_i)
-
     def finish(acc, m_i, l_i):  # out = acc / l into q_smem (free once both warpgroups are done), then to HBM
       acc = acc / lax.broadcast_in_dim(l_i, acc.shape, [0])
       plgpu.barrier_arrive(done)
@@ -279,9 +226,18 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
       plgpu.set_max_registers(compute_regs, action="increase")
       plgpu.barrier_wait(q_bar)
       row_layout = plgpu.Layout.WGMMA.reduce(1)
+      rows_k = BLOCK_K // 2 if split == "rows" else BLOCK_K  # the rows this warpgroup scores per step
+      mine = pl.ds(pl.multiple_of(wg * rows_k, rows_k) if split == "rows" else 0, rows_k)
       m_i = plgpu.load(sink_smem, layout=row_layout) * _LOG2E  # the sink: a logit whose value is 0
-      l_i = jnp.ones_like(m_i)
+      # "rows": each warpgroup sums its own rows' weights, so each holds half of the sink's; the halves are added
+      l_i = jnp.full_like(m_i, 0.5 if split == "rows" else 1.0)
       acc = plgpu.layout_cast(jnp.zeros((BLOCK_H, half * CHUNK), jnp.float32), plgpu.Layout.WGMMA)
+
+      def exchange(x, k):  # (this warpgroup's row vector, the other's): one round through shared memory
+        xch_smem[k, wg] = x
+        plgpu.barrier_arrive(xch_bar.at[k])
+        plgpu.barrier_wait(xch_bar.at[k])
+        return plgpu.load(xch_smem.at[k, 1 - wg], layout=row_layout)
 
       def step(blk, carry):
         acc, m_i, l_i = carry
@@ -290,31 +246,41 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
 
         def qk(acc_ref):
           for c in range(nch):
-            plgpu.wgmma(acc_ref, q_smem.at[c], k_tiled.at[slot, c].transpose((1, 0)))
+            plgpu.wgmma(acc_ref, q_smem.at[c], k_tiled.at[slot, c, mine].transpose((1, 0)))
           return acc_ref[...]
 
-        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, BLOCK_K), jnp.float32))
-        valid = plgpu.load(idx_smem.at[blk], layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
+        s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, rows_k), jnp.float32))
+        valid = plgpu.load(idx_smem.at[blk, mine], layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
         s = jnp.where(lax.broadcast_in_dim(valid, s.shape, [1]), s * (scale * _LOG2E), -jnp.inf)
         m_new = jnp.maximum(m_i, s.max(axis=1))
+        if split == "rows":
+          m_new = jnp.maximum(m_new, exchange(m_new, 0))
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         l_i = l_i * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-        p16 = p.astype(dtype)
+        p_op = p.astype(dtype)  # the A operand of P·V: in registers; "rows": both halves, from p_smem
+        if split == "rows":
+          _store_column_half(rows_k)(p_op, p_smem)
+          plgpu.commit_smem()
+          plgpu.barrier_arrive(xch_bar.at[1])
+          plgpu.barrier_wait(xch_bar.at[1])
+          p_op = p_smem
 
         def pv(acc_ref):
           for c in range(half):
-            plgpu.wgmma(acc_ref.at[:, pl.ds(c * CHUNK, CHUNK)], p16, k_tiled.at[slot, wg * half + c])
+            plgpu.wgmma(acc_ref.at[:, pl.ds(c * CHUNK, CHUNK)], p_op, k_tiled.at[slot, wg * half + c])
 
         acc = pl.run_state(pv)(plgpu.ACC.init(acc))
         plgpu.barrier_arrive(consumed.at[slot])
         return acc, m_new, l_i
 
       acc, m_i, l_i = lax.fori_loop(0, nblk, step, (acc, m_i, l_i))
+      if split == "rows":
+        l_i = l_i + exchange(l_i, 0)
       finish(acc, m_i, l_i)
 
-    pl.when(wg < 2)(_compute_split if split == "rows" else _compute)
+    pl.when(wg < 2)(_compute)
 
   def entry(q_ref, kv_ref, idx_ref, sink_ref, out_ref, lse_ref):
     slot_bytes = (SLOTS, nch, BLOCK_K, CHUNK)
