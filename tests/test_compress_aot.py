@@ -9,37 +9,26 @@ forward on v6e. With DSV4_AOT_ALL=1 the rest on v6e and the CSA forward at S = 2
 
 from __future__ import annotations
 
-import os
-import time
+from aot_util import abstract_arg, compile_tpu, hbm_bytes, only_all  # first: sets libtpu's env
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu otherwise locks out a second process using it
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import SingleDeviceSharding  # noqa: E402
-
-import pallas_kernels  # noqa: E402
-from pallas_kernels.compress import reference  # noqa: E402
-from pallas_kernels.sparse_attention import tpu as sa_tpu  # noqa: E402
-
-pytest.importorskip("libtpu", reason="AOT TPU compiles need libtpu (the dev extra's jax[tpu])")
-from jax.experimental import topologies  # noqa: E402
+import pallas_kernels
+from pallas_kernels.compress import reference
 
 C_HEAD, ROPE = 512, 64
 FREQS = tuple(float(f) for f in (1.0 / 160000.0 ** (np.arange(0, ROPE, 2) / ROPE)).astype(np.float32))
-HBM_BYTES = {"v5p": 95e9, "v6e": 32e9}  # per chip
-ALL = os.environ.get("DSV4_AOT_ALL") == "1"
-_all = pytest.mark.skipif(not ALL, reason="DSV4_AOT_ALL=1")
 # (topology, m, S, parts): "f" forward, "8" FP8 rows, "b" forward + backward.
 CASES = [("v5p:2x2x1", 4, 65536, "f8b"), ("v5p:2x2x1", 128, 65536, "fb"), ("v6e:2x2", 4, 65536, "f"),
-         pytest.param("v6e:2x2", 4, 65536, "8b", marks=_all), pytest.param("v6e:2x2", 128, 65536, "f8b", marks=_all)]
+         pytest.param("v6e:2x2", 4, 65536, "8b", marks=only_all),
+         pytest.param("v6e:2x2", 128, 65536, "f8b", marks=only_all)]
 
 
 def _args(topology, m, S):
-  device = topologies.get_topology_desc(topology, "tpu").devices[0]
-  arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(device))
+  arg = abstract_arg(topology)
   C = 2 * C_HEAD if m == 4 else C_HEAD
   N = S // m
   return (arg((1, S, C), jnp.float32), arg((1, S, C), jnp.float32), arg((m, C), jnp.float32),
@@ -51,33 +40,23 @@ def _op(m, output="entries"):
                                             implementation="tpu")
 
 
-def _compile(fn, args):
-  with sa_tpu.compile_for_tpu():  # a fresh jit inside: traced for Mosaic although the default backend is the CPU
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-  m = compiled.memory_analysis()
-  gib = lambda n: f"{n / 2**30:.3f}"
-  print(f"\n  argument {gib(m.argument_size_in_bytes)} GiB, output {gib(m.output_size_in_bytes)} GiB, temp "
-        f"{gib(m.temp_size_in_bytes)} GiB; compiled in {time.perf_counter() - start:.1f} s")
-  return m
-
-
 @pytest.mark.parametrize("topology,m,S,parts", CASES)
 def test_compiles_with_sane_memory(topology, m, S, parts):
   args = _args(topology, m, S)
   in_bytes = 2 * args[0].size * 4  # kv + score, float32
   N = S // m
   entry_bytes = N * C_HEAD * 2
-  hbm = HBM_BYTES[topology.split(":")[0]]
+  hbm = hbm_bytes(topology)
 
+  label = f"{topology} m={m} S={S}"
   if "f" in parts:
-    mem = _compile(_op(m), args)
+    mem = compile_tpu(f"{label} forward", _op(m), args, digits=3)
     assert in_bytes <= mem.argument_size_in_bytes <= in_bytes + 64 * N + 2**20
     assert entry_bytes <= mem.output_size_in_bytes <= entry_bytes + 2**20
     # The row view of kv / score (a relayout copy of both inputs in XLA:TPU today), the lane tables; no more.
     assert mem.temp_size_in_bytes <= 1.1 * in_bytes + 64 * 2**20, mem.temp_size_in_bytes
   if "8" in parts:
-    mem = _compile(_op(m, "fp8"), args)
+    mem = compile_tpu(f"{label} fp8 rows", _op(m, "fp8"), args, digits=3)
     assert mem.output_size_in_bytes <= N * reference.fp8_row_bytes(C_HEAD, ROPE) + 2**20
     assert mem.temp_size_in_bytes <= 1.1 * in_bytes + 8 * N * C_HEAD + 64 * 2**20
   if "b" not in parts:
@@ -88,14 +67,14 @@ def test_compiles_with_sane_memory(topology, m, S, parts):
     return (out,) + pullback(d_out)
 
   d_out = jax.ShapeDtypeStruct((1, N, C_HEAD), jnp.bfloat16, sharding=args[0].sharding)
-  mem = _compile(fwd_bwd, args + (d_out,))
+  mem = compile_tpu(f"{label} forward+backward", fwd_bwd, args + (d_out,), digits=3)
   assert mem.output_size_in_bytes <= entry_bytes + in_bytes + 2**20  # entries, dkv, dscore, dape, dweight
   # The reference backward's gathers are the size of the inputs (a few float32 copies), never [S, S].
   assert mem.temp_size_in_bytes <= 6 * in_bytes + 256 * 2**20, mem.temp_size_in_bytes
   assert mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes < 0.9 * hbm
 
 
-@_all
+@only_all
 def test_forward_256k_v5p():
-  mem = _compile(_op(4), _args("v5p:2x2x1", 4, 262144))
+  mem = compile_tpu("v5p:2x2x1 m=4 S=256K forward", _op(4), _args("v5p:2x2x1", 4, 262144), digits=3)
   assert mem.temp_size_in_bytes <= 1.1 * 2 * 262144 * 1024 * 4 + 64 * 2**20

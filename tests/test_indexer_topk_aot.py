@@ -14,28 +14,18 @@ key contributions, plus dk); the same for top-1024. Compiles take 3-13 s each.
 
 from __future__ import annotations
 
-import os
-import time
+from aot_util import abstract_arg, compile_tpu, hbm_bytes, only_all  # first: sets libtpu's env
 
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu otherwise locks out a second process using it
+import jax
+import jax.numpy as jnp
+import pytest
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import pytest  # noqa: E402
-from jax.sharding import SingleDeviceSharding  # noqa: E402
-
-import pallas_kernels  # noqa: E402
-from pallas_kernels.indexer_topk import tpu, vjp  # noqa: E402
-
-pytest.importorskip("libtpu", reason="AOT TPU compiles need libtpu (the dev extra's jax[tpu])")
-from jax.experimental import topologies  # noqa: E402
+import pallas_kernels
+from pallas_kernels.indexer_topk import vjp
 
 H, D, RATIO = 64, 128, 4
-HBM_BYTES = {"v5p": 95e9, "v6e": 32e9}  # per chip
-ALL = os.environ.get("DSV4_AOT_ALL") == "1"
 CASES = [("v5p:2x2x1", 512, 65536), ("v6e:2x2", 512, 65536),
-         pytest.param("v5p:2x2x1", 1024, 65536, marks=pytest.mark.skipif(not ALL, reason="DSV4_AOT_ALL=1")),
-         pytest.param("v6e:2x2", 1024, 65536, marks=pytest.mark.skipif(not ALL, reason="DSV4_AOT_ALL=1"))]
+         pytest.param("v5p:2x2x1", 1024, 65536, marks=only_all), pytest.param("v6e:2x2", 1024, 65536, marks=only_all)]
 
 
 def _forward(topk):
@@ -49,34 +39,18 @@ def _forward_backward(topk):
   return fn
 
 
-def _compile(fn, args):
-  with tpu.compile_for_tpu():  # a fresh jit inside: traced for Mosaic although the default backend is the CPU
-    start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
-  return compiled, time.perf_counter() - start
-
-
-def _report(label, m, seconds):
-  mib = lambda n: f"{n / 2**20:.1f}"
-  print(f"\n{label}: argument {mib(m.argument_size_in_bytes)} MiB, output {mib(m.output_size_in_bytes)} MiB, "
-        f"temp {mib(m.temp_size_in_bytes)} MiB; compiled in {seconds:.1f} s")
-
-
 @pytest.mark.parametrize("topology,topk,S", CASES)
 def test_compiles_with_sane_memory(topology, topk, S):
   N = S // RATIO
-  device = topologies.get_topology_desc(topology, "tpu").devices[0]
-  arg = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=SingleDeviceSharding(device))
+  arg = abstract_arg(topology)
   args = (arg((1, S, H, D), jnp.bfloat16), arg((1, N, D), jnp.bfloat16), arg((1, S, H), jnp.bfloat16),
           arg((1, S), jnp.int32))
   in_bytes = S * H * D * 2 + N * D * 2 + S * H * 2 + S * 4
   out_bytes = S * topk * 8  # indices int32 + scores float32
   scores_bytes = S * N * 4  # the dense [S, N] score matrix, which must never appear
-  hbm = HBM_BYTES[topology.split(":")[0]]
+  hbm = hbm_bytes(topology)
 
-  compiled, seconds = _compile(_forward(topk), args)
-  m = compiled.memory_analysis()
-  _report(f"{topology} top-{topk} S={S} forward", m, seconds)
+  m = compile_tpu(f"{topology} top-{topk} S={S} forward", _forward(topk), args, unit="MiB", digits=1)
   assert in_bytes <= m.argument_size_in_bytes <= 1.01 * in_bytes
   assert out_bytes <= m.output_size_in_bytes <= out_bytes + 4096
   kp = max(128, topk)
@@ -84,9 +58,8 @@ def test_compiles_with_sane_memory(topology, topk, S):
   assert m.temp_size_in_bytes <= S * H * 4 + 2 * S * kp * 4 + 16 * 2**20
   assert m.temp_size_in_bytes < scores_bytes / 20
 
-  compiled, seconds = _compile(_forward_backward(topk), args + (arg((1, S, topk), jnp.float32),))
-  m = compiled.memory_analysis()
-  _report(f"{topology} top-{topk} S={S} forward+backward", m, seconds)
+  m = compile_tpu(f"{topology} top-{topk} S={S} forward+backward", _forward_backward(topk),
+                  args + (arg((1, S, topk), jnp.float32),), unit="MiB", digits=1)
   assert m.output_size_in_bytes <= out_bytes + in_bytes + 2**20  # indices, scores, dq, dk, dw
   # One backward chunk: gathered keys, logits, dl and key contributions [C, K, D] in float32, plus dk in
   # float32 and the forward's temps; no [S, N] scores.
