@@ -272,14 +272,16 @@ def _add_generate(sub) -> None:
 
 
 def _load_for_serving(cmd: str, checkpoint: str, dtype: str):
-  """(model, tokenizer) of a checkpoint directory; problems exit with a one-line message."""
+  """(model, tokenizer) of a checkpoint directory; problems exit with a one-line message. The model is loaded
+  unstacked (scan_layers=False, each layer its own parameters): decode steps then do not copy layer weights out
+  of scanned stacks (dsv4_jax.model.unstack)."""
   from dsv4_jax.tokenizer import Tokenizer
   from dsv4_jax.weights import load_pretrained
   if not os.path.isdir(checkpoint):
     raise SystemExit(f"dsv4 {cmd}: error: --checkpoint {checkpoint} is not a directory")
   try:
     tok = Tokenizer.load(checkpoint)
-    model, _ = load_pretrained(checkpoint, dtype=dtype, progress=False)
+    model, _ = load_pretrained(checkpoint, dtype=dtype, progress=False, scan_layers=False)
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"dsv4 {cmd}: error: {e}") from None
   return model, tok

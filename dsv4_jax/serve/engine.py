@@ -12,6 +12,11 @@ Requests wait in a FIFO queue and take a free slot as one frees up. Each step de
 (one backend call), prefills the newly admitted ones, and samples one token per request with the request's own
 parameters: the key of token i is fold_in(key(seed), i), and the backend's logits for a slot depend only on that
 slot's sequence, so a request's output is the same alone or batched.
+
+Speed: give the backend a model built with scan_layers=False (`dsv4 generate` / `dsv4 serve` load so; in process,
+load_pretrained(..., scan_layers=False) or `dsv4_jax.unstack_layers(model)`, which copies the main layers): a
+scanned layer stack copies each layer's expert weights out of the stack every decode step (H200, Flash-shaped
+bench model, 128K context, batch 64: 16.0 ms a step unstacked vs 20.2 ms scanned).
 """
 
 from __future__ import annotations
