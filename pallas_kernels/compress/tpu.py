@@ -1,12 +1,17 @@
 """Mosaic TPU kernel of blockwise compression (forward): gated pooling, RMSNorm, RoPE, and optionally the FP8
-cache codes, in one pass over the projected rows.
+cache codes, in one pass over the projected rows. The backward kernel is tpu_bwd.py; both share the pieces here.
 
-Grid (batch, group of G slots). A step's rows come from HBM by DMA into VMEM: one DMA per buffer when the G
-slots are consecutive blocks (the common case: end[g] = end[0] + g·m), else one DMA per slot (packed documents).
-With the CSA overlap the block's own rows are fetched through channels [c:] and the previous block's through
-[:c], so every input byte is read once. The next step's DMAs start before this step computes (two buffers).
-kv / score are viewed as [B, S, coff, c/128, 128] so a run of rows is whole tiles at any row offset (see
-sparse_attention.tpu._rows). Empty slots and missing overlaps fetch clamped real rows and are masked.
+Grid (batch, group of G slots). kv / score stay in their natural [B, S, coff·c] layout (no relayout copy; only
+c not a multiple of 128, or S not a multiple of the row tile, pads them): HBM tiles rows by T (8 for 32-bit, 16
+for 16-bit), and a DMA may only start on a tile row, so a step fetches T-aligned row windows that cover its rows
+and picks the rows inside VMEM. One window per buffer when the G slots are consecutive blocks (end[g] = end[0] +
+g·m, the common case), else one W1-row window per slot (packed documents, empty slots: clamped real rows, masked).
+The next step's DMAs start before this step computes (two buffers).
+
+In VMEM every slot's span (the m rows before the block with the CSA overlap, then the block's m rows) is rolled
+into a compact float32 layout Q [coff·L/128, G·S1, 128] (slot g at rows g·S1, S1 = the span rounded up to 8,
+one lane tile per leading index), where row r of all G slots is one strided load of [G, 128]. With the overlap the
+previous block's rows are read through the tiles of channels [:c] and the block's own through [c:].
 
 The pooled vector, norm and RoPE are float32 [G, c] lane-dense math; RoPE rotates the tail lanes [T0, c) that
 hold the rope dims (T0 = the 128-aligned start) with two lane rolls and per-lane cos / ±sin tables from XLA.
@@ -14,6 +19,7 @@ hold the rope dims (T0 = the 128-aligned start) with two lane rolls and per-lane
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -32,6 +38,127 @@ _F32 = jnp.float32
 
 def slots_per_step(m: int) -> int:
   return max(8, (ROWS_PER_STEP // m) // 8 * 8)
+
+
+def row_tile(*dtypes) -> int:
+  """Rows per HBM tile of the widest-packed dtype: 8 for 32-bit, 16 for 16-bit, 32 for 8-bit."""
+  return max(8 * 4 // jnp.dtype(d).itemsize for d in dtypes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Static row / lane geometry of one compression (kernel parameters)."""
+  m: int  # rows per block
+  overlap: bool
+  c: int  # entry channels
+  T: int  # HBM row tile of the inputs
+  eps: float = 0.0
+  out_dtype: str = "float32"
+
+  @property
+  def m_off(self):  # rows of the previous block in a slot's span
+    return self.m if self.overlap else 0
+
+  @property
+  def span(self):
+    return self.m + self.m_off
+
+  @property
+  def S1(self):  # rows per slot in Q
+    return _round_up(self.span, 8)
+
+  @property
+  def W1(self):  # a T-aligned window that holds any span
+    return _round_up(self.span + self.T - 1, self.T)
+
+  @property
+  def L(self):
+    return _round_up(self.c, 128)
+
+  @property
+  def nt(self):  # lane tiles per channel half
+    return self.L // 128
+
+  @property
+  def K(self):  # lane tiles of an input row
+    return (2 if self.overlap else 1) * self.nt
+
+
+def roll_rows(src_ref, row0, shift, q_ref, g, geo: Geometry):
+  """q[k, g·S1 + j] = src[row0 + (shift + j) mod W1, lane tile k] (float32), j < S1, k < K: the slot whose span
+  starts `shift` rows into the T-aligned window at row0 of src [rows, K·128]."""
+  row0 = pl.multiple_of(row0, geo.T)
+  amount = lax.rem(geo.W1 - shift, geo.W1)
+  dst = pl.multiple_of(g * geo.S1, 8)
+  for k in range(geo.K):
+    v = pltpu.roll(src_ref[pl.ds(row0, geo.W1), pl.ds(k * 128, 128)].astype(_F32), amount, 0)
+    q_ref[k, pl.ds(dst, geo.S1), :] = v[:geo.S1]
+
+
+def loop(n, body, init):
+  """fori_loop over range(n), unrolled when short."""
+  if n <= 8:
+    carry = init
+    for r in range(n):
+      carry = body(r, carry)
+    return carry
+  return lax.fori_loop(0, n, body, init)
+
+
+def slot_rows(q_ref, j, r, part, geo: Geometry, G: int):
+  """[G, 128] float32: row r of every slot's own block (part 1) or previous block (part 0), lane tile j."""
+  if part == 1:
+    return q_ref[geo.nt + j if geo.overlap else j, pl.ds(geo.m_off + r, G, stride=geo.S1), :]
+  return q_ref[j, pl.ds(r, G, stride=geo.S1), :]
+
+
+def logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G):
+  """(own, previous or None) gate logits [G, 128] of row r, lane tile j (-inf where there is no previous block)."""
+  lanes = pl.ds(j * 128, 128)
+  cur = slot_rows(sc_q, j, r, 1, geo, G) + ape_ref[1 if geo.overlap else 0, pl.ds(r, 1), lanes]
+  if not geo.overlap:
+    return cur, None
+  prev = slot_rows(sc_q, j, r, 0, geo, G) + ape_ref[0, pl.ds(r, 1), lanes]
+  return cur, jnp.where(has_prev_G1, prev, -jnp.inf)
+
+
+def softmax_pool(kv_q, sc_q, ape_ref, has_prev_G1, j, geo, G):
+  """(max, sum, pooled) [G, 128] float32 of lane tile j: the gate softmax over the span and the weighted rows."""
+  def max_body(r, mx):
+    cur, prev = logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G)
+    mx = jnp.maximum(mx, cur)
+    return mx if prev is None else jnp.maximum(mx, prev)
+
+  mx = loop(geo.m, max_body, jnp.full((G, 128), -jnp.inf, _F32))
+
+  def sum_body(r, carry):
+    s, acc = carry
+    cur, prev = logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G)
+    e = jnp.exp(cur - mx)
+    s, acc = s + e, acc + e * slot_rows(kv_q, j, r, 1, geo, G)
+    if prev is not None:
+      e = jnp.exp(prev - mx)  # 0 where there is no previous block
+      s, acc = s + e, acc + jnp.where(has_prev_G1, e * slot_rows(kv_q, j, r, 0, geo, G), 0.0)
+    return s, acc
+
+  zeros = jnp.zeros((G, 128), _F32)
+  s, acc = loop(geo.m, sum_body, (zeros, zeros))
+  return mx, s, acc / s
+
+
+def rms_stats(x_GL, geo: Geometry):
+  """rsqrt(mean(x²) + eps) [G, 1] over the c real lanes."""
+  lane_L = lax.broadcasted_iota(jnp.int32, (1, x_GL.shape[1]), 1)
+  ms = jnp.sum(jnp.where(lane_L < geo.c, x_GL * x_GL, 0.0), axis=1, keepdims=True) / geo.c
+  return lax.rsqrt(ms + geo.eps)
+
+
+def rope_apply(x_GW, cos_GW, sin_GW):
+  """x·cos + partner(x)·sin on the tail lanes (partner: the other lane of an interleaved pair)."""
+  W = x_GW.shape[1]
+  even = (lax.broadcasted_iota(jnp.int32, (1, W), 1) % 2) == 0
+  partner = jnp.where(even, pltpu.roll(x_GW, W - 1, 1), pltpu.roll(x_GW, 1, 1))  # x[j+1] even j, x[j-1] odd
+  return x_GW * cos_GW + partner * sin_GW
 
 
 def _fp8_codes(x_GL, lane_L, nope: int):
@@ -53,39 +180,55 @@ def _fp8_codes(x_GL, lane_L, nope: int):
   return reference.e4m3_code(v), scale_bytes
 
 
-def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, sc_hbm, *rest,
-            m, c, t0, eps, overlap, out_dtype, fp8_nope, n_groups):
+def run_window(G: int, geo: Geometry) -> int:
+  """Rows of the one window that covers G consecutive slots (any start offset inside a tile)."""
+  return _round_up((G - 1) * geo.m + geo.T, geo.T) + geo.W1
+
+
+def slot_window(e, Sp, geo: Geometry):
+  """(first row of the T-aligned W1-row window, offset of the span in it) of the slot ending at row e, clamped
+  into [0, Sp) (an empty slot, a missing previous block: real rows, masked later; the offset may then be < 0)."""
+  lo = jnp.clip(e - geo.m + 1, 0, Sp - geo.m) - geo.m_off
+  base = jnp.minimum(lax.bitwise_and(jnp.maximum(lo, 0), jnp.int32(-geo.T)), Sp - geo.W1)
+  return base, lo - base
+
+
+def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, sc_hbm, *rest, geo, t0,
+            fp8_nope, n_groups):
   n_out = 3 if fp8_nope else 1
-  outs, (bufs, sems) = rest[:n_out], (rest[n_out:-1], rest[-1])
+  outs, (kv_raw, sc_raw, kv_q, sc_q, sems) = rest[:n_out], rest[n_out:]
   b, i = pl.program_id(0), pl.program_id(1)
   G = flags_ref.shape[1]
-  S = kv_hbm.shape[1]
-  cur_h = 1 if overlap else 0
-  # (buffer, semaphore column, channel half, row shift): the block's own rows; with overlap the m rows before.
-  parts = [(bufs[0], 0, cur_h, 0), (bufs[1], 1, cur_h, 0)]
-  if overlap:
-    parts += [(bufs[2], 2, 0, m), (bufs[3], 3, 0, m)]
-  srcs = [kv_hbm, sc_hbm, kv_hbm, sc_hbm]
+  Sp = kv_hbm.shape[1]
+  m, T, W1 = geo.m, geo.T, geo.W1
+  W = run_window(G, geo)
+  srcs, raws = (kv_hbm, sc_hbm), (kv_raw, sc_raw)
 
-  def start(end_ref, p):
+  def plan(end_ref):
+    """(whole: one window for all G slots, its first row, the offset of slot 0's span in it)."""
     e0 = end_ref[0, 0, 0, 0]
     run = lax.fori_loop(1, G, lambda g, ok: ok * (end_ref[0, 0, 0, g] == e0 + g * m).astype(jnp.int32),
                         (e0 >= 0).astype(jnp.int32))
-    for buf, k, h, shift in parts:
-      first = e0 - m + 1 - shift
-      src = srcs[k].at[b]
+    lo = e0 - m + 1 - geo.m_off
+    base = lax.bitwise_and(jnp.maximum(lo, 0), jnp.int32(-T))
+    return (run == 1) & (lo >= 0) & (base + W <= Sp), base, lo - base
 
-      whole = (run == 1) & (first >= 0)
+  def start(end_ref, p):
+    whole, base, _ = plan(end_ref)
+    for k in range(2):
+      src = srcs[k].at[b]
 
       @pl.when(whole)
       def _():
-        pltpu.make_async_copy(src.at[pl.ds(first, G * m), h], buf.at[p], sems.at[p, k]).start()
+        pltpu.make_async_copy(src.at[pl.ds(pl.multiple_of(base, T), W)], raws[k].at[p, pl.ds(0, W)],
+                              sems.at[p, k]).start()
 
       @pl.when(jnp.logical_not(whole))
       def _():
         def one(g, carry):
-          row = jnp.clip(end_ref[0, 0, 0, g] - m + 1 - shift, 0, S - m)
-          pltpu.make_async_copy(src.at[pl.ds(row, m), h], buf.at[p, pl.ds(g * m, m)], sems.at[p, k]).start()
+          row, _ = slot_window(end_ref[0, 0, 0, g], Sp, geo)
+          pltpu.make_async_copy(src.at[pl.ds(pl.multiple_of(row, T), W1)],
+                                raws[k].at[p, pl.ds(pl.multiple_of(g * W1, T), W1)], sems.at[p, k]).start()
           return carry
         lax.fori_loop(0, G, one, 0)
 
@@ -99,72 +242,46 @@ def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, s
   def _():
     start(end_n, 1 - p)
 
-  for buf, k, h, _ in parts:
-    pltpu.make_async_copy(buf.at[p], buf.at[p], sems.at[p, k]).wait()  # the bytes of a whole buffer
+  whole, _, d = plan(end_s)
+  for k in range(2):
+    for rows, cond in ((W, whole), (G * W1, jnp.logical_not(whole))):
+      @pl.when(cond)
+      def _():
+        window = raws[k].at[p, pl.ds(0, rows)]
+        pltpu.make_async_copy(window, window, sems.at[p, k]).wait()  # the bytes of all this step's DMAs
+
+  def realign(g, carry):
+    pos = d + g * m
+    row0 = jnp.where(whole, lax.bitwise_and(pos, jnp.int32(-T)), g * W1)
+    _, off = slot_window(end_s[0, 0, 0, g], Sp, geo)
+    shift = jnp.where(whole, pos - row0, off)
+    roll_rows(kv_raw.at[p], row0, shift, kv_q, g, geo)
+    roll_rows(sc_raw.at[p], row0, shift, sc_q, g, geo)
+    return carry
+
+  lax.fori_loop(0, G, realign, 0)
 
   L = w_ref.shape[1]
+  out_dtype = jnp.dtype(geo.out_dtype)
   valid_G1 = flags_ref[0, :, 0:1] > 0
   has_prev_G1 = flags_ref[0, :, 1:2] > 0
-
-  def rows(buf, r):
-    return buf[p, pl.ds(r, G, stride=m)].reshape(G, L).astype(_F32)
-
-  def logits(r):
-    cur = rows(bufs[1], r) + ape_ref[cur_h, pl.ds(r, 1), :]
-    if not overlap:
-      return cur, None
-    return cur, jnp.where(has_prev_G1, rows(bufs[3], r) + ape_ref[0, pl.ds(r, 1), :], -jnp.inf)
-
-  def loop(body, init):
-    if m <= 8:
-      carry = init
-      for r in range(m):
-        carry = body(r, carry)
-      return carry
-    return lax.fori_loop(0, m, body, init)
-
-  def max_body(r, mx):
-    cur, prev = logits(r)
-    mx = jnp.maximum(mx, cur)
-    return mx if prev is None else jnp.maximum(mx, prev)
-
-  mx = loop(max_body, jnp.full((G, L), -jnp.inf, _F32))
-
-  def sum_body(r, carry):
-    s, acc = carry
-    cur, prev = logits(r)
-    e = jnp.exp(cur - mx)
-    s, acc = s + e, acc + e * rows(bufs[0], r)
-    if prev is not None:
-      e = jnp.exp(prev - mx)  # 0 where there is no previous block
-      s, acc = s + e, acc + jnp.where(has_prev_G1, e * rows(bufs[2], r), 0.0)
-    return s, acc
-
-  zeros = jnp.zeros((G, L), _F32)
-  s, acc = loop(sum_body, (zeros, zeros))
-  y = (acc / s).astype(out_dtype).astype(_F32)
-  lane_L = lax.broadcasted_iota(jnp.int32, (1, L), 1)
-  ms = jnp.sum(jnp.where(lane_L < c, y * y, 0.0), axis=1, keepdims=True) / c
-  y = (y * lax.rsqrt(ms + eps) * w_ref[...]).astype(out_dtype).astype(_F32)
-  tail = y[:, t0:]
-  W = L - t0
-  even = (lax.broadcasted_iota(jnp.int32, (1, W), 1) % 2) == 0
-  partner = jnp.where(even, pltpu.roll(tail, W - 1, 1), pltpu.roll(tail, 1, 1))  # x[j+1] even j, x[j-1] odd
-  rotated = (tail * cos_ref[0] + partner * sin_ref[0]).astype(out_dtype).astype(_F32)
+  pooled = [softmax_pool(kv_q, sc_q, ape_ref, has_prev_G1, j, geo, G)[2] for j in range(geo.nt)]
+  y = jnp.concatenate(pooled, axis=1) if geo.nt > 1 else pooled[0]
+  y = y.astype(out_dtype).astype(_F32)
+  y = (y * rms_stats(y, geo) * w_ref[...]).astype(out_dtype).astype(_F32)
+  rotated = rope_apply(y[:, t0:], cos_ref[0], sin_ref[0]).astype(out_dtype).astype(_F32)
   entry = jnp.concatenate([y[:, :t0], rotated], axis=1) if t0 else rotated
   entry = jnp.where(valid_G1, entry, 0.0)
   outs[0][0] = entry.astype(outs[0].dtype)
   if fp8_nope:
-    codes, scale_bytes = _fp8_codes(entry, lane_L, fp8_nope)
+    codes, scale_bytes = _fp8_codes(entry, lax.broadcasted_iota(jnp.int32, (1, L), 1), fp8_nope)
     outs[1][0] = codes
     outs[2][0] = scale_bytes
 
 
-def _call(end, flags, ape, w, cos, sin, kv, sc, *, m, c, t0, eps, overlap, out_dtype, fp8_nope, G,
-          interpret):
+def _call(end, flags, ape, w, cos, sin, kv, sc, *, geo, t0, fp8_nope, G, interpret):
   B, Np = end.shape
   L = w.shape[1]
-  coff, Rh = kv.shape[2], kv.shape[3]
   n = Np // G
   # end as [B, n, 1, G] (an SMEM block's last two dims must be whole): this step's slots, and the next step's.
   smem = lambda nxt: pl.BlockSpec((1, 1, 1, G), (lambda b, i: (b, jnp.minimum(i + 1, n - 1), 0, 0)) if nxt else
@@ -172,13 +289,12 @@ def _call(end, flags, ape, w, cos, sin, kv, sc, *, m, c, t0, eps, overlap, out_d
   row_spec = lambda width: pl.BlockSpec((1, G, width), lambda b, i: (b, i, 0))
   any_spec = pl.BlockSpec(memory_space=pl.ANY)
   out_specs = [row_spec(L)]
-  out_shape = [jax.ShapeDtypeStruct((B, Np, L), out_dtype)]
+  out_shape = [jax.ShapeDtypeStruct((B, Np, L), jnp.dtype(geo.out_dtype))]
   if fp8_nope:
     out_specs += [row_spec(L), row_spec(128)]
     out_shape += [jax.ShapeDtypeStruct((B, Np, L), jnp.int32), jax.ShapeDtypeStruct((B, Np, 128), jnp.int32)]
-  n_buf = 4 if overlap else 2
-  kernel = functools.partial(_kernel, m=m, c=c, t0=t0, eps=eps, overlap=overlap, out_dtype=out_dtype,
-                             fp8_nope=fp8_nope, n_groups=n)
+  raw_rows = max(run_window(G, geo), G * geo.W1)
+  kernel = functools.partial(_kernel, geo=geo, t0=t0, fp8_nope=fp8_nope, n_groups=n)
   return pl.pallas_call(
       kernel,
       grid=(B, n),
@@ -187,17 +303,19 @@ def _call(end, flags, ape, w, cos, sin, kv, sc, *, m, c, t0, eps, overlap, out_d
                 row_spec(L - t0), row_spec(L - t0), any_spec, any_spec],
       out_specs=out_specs,
       out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((2, G * m, Rh, 128), kv.dtype) for _ in range(n_buf)]
-      + [pltpu.SemaphoreType.DMA((2, n_buf))],
+      scratch_shapes=[pltpu.VMEM((2, raw_rows, kv.shape[2]), kv.dtype), pltpu.VMEM((2, raw_rows, sc.shape[2]), sc.dtype),
+                      pltpu.VMEM((geo.K, G * geo.S1, 128), _F32), pltpu.VMEM((geo.K, G * geo.S1, 128), _F32),
+                      pltpu.SemaphoreType.DMA((2, 2))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                            vmem_limit_bytes=VMEM_LIMIT),
-      interpret=interpret, name="compress_fwd")(end.reshape(B, n, 1, G), end.reshape(B, n, 1, G), flags, ape, w, cos, sin, kv, sc)
+      interpret=interpret, name="compress_fwd")(end.reshape(B, n, 1, G), end.reshape(B, n, 1, G), flags, ape, w,
+                                                cos, sin, kv, sc)
 
 
 def rope_lanes(positions_BN, spec: reference.Spec, c: int, t0: int, L: int):
-  """Per-lane (cos, ±sin) [B, N, L - t0] for lanes [t0, L): out = x·cos + partner·sin (partner = the pair's
+  """Per-lane (cos, ±sin) [..., L - t0] for lanes [t0, L): out = x·cos + partner·sin (partner = the pair's
   other lane); 1 / 0 outside the rope dims [c - r, c)."""
-  cos, sin = reference.rope_tables(positions_BN, spec.rope_freqs)  # [B, N, r/2]
+  cos, sin = reference.rope_tables(positions_BN, spec.rope_freqs)  # [..., r/2]
   r = spec.rope_dim
   lane = jnp.arange(t0, L)
   is_rope = (lane >= c - r) & (lane < c)
@@ -207,41 +325,57 @@ def rope_lanes(positions_BN, spec: reference.Spec, c: int, t0: int, L: int):
           jnp.where(is_rope, sign * sin[..., k], 0.0).astype(_F32))
 
 
+def geometry(kv_BSC, score_BSC, c: int, spec: reference.Spec) -> Geometry:
+  return Geometry(m=spec.ratio, overlap=spec.overlap, c=c, T=row_tile(kv_BSC.dtype, score_BSC.dtype),
+                  eps=spec.eps, out_dtype=jnp.dtype(spec.out_dtype).name)
+
+
+def natural_rows(x_BSC, geo: Geometry, Sp: int):
+  """[B, S, coff·c] -> [B, Sp, coff·L]: the input itself when c is a multiple of 128 and Sp = S (no copy), else
+  a padded copy (each channel half to L lanes, rows to Sp)."""
+  B, S, C = x_BSC.shape
+  coff = 2 if geo.overlap else 1
+  if geo.L == geo.c and Sp == S:
+    return x_BSC
+  x = _pad(x_BSC.reshape(B, S, coff, geo.c), (B, Sp, coff, geo.L))
+  return x.reshape(B, Sp, coff * geo.L)
+
+
+def ape_lanes(ape_MC, geo: Geometry):
+  """ape [m, coff·c] -> [coff, m, L] float32 (channel half first)."""
+  coff = 2 if geo.overlap else 1
+  return _pad(ape_MC.astype(_F32).reshape(geo.m, coff, geo.c).swapaxes(0, 1), (coff, geo.m, geo.L))
+
+
 def compress_tpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, positions_BN, spec, *,
                  fp8: bool = False):
   """Entries [B, N, c] in spec.out_dtype (as compress_reference), or with fp8 the packed uint8 rows."""
   B, S, C = kv_BSC.shape
   c = weight_C.shape[0]
   N = end_BN.shape[1]
-  m, coff = spec.ratio, (2 if spec.overlap else 1)
   out_dtype = jnp.dtype(spec.out_dtype)
   if N == 0:
     out = jnp.zeros((B, 0, c), out_dtype)
     return reference.pack_fp8(out, spec.rope_dim) if fp8 else out
-  L = _round_up(c, 128)
+  geo = geometry(kv_BSC, score_BSC, c, spec)
+  L = geo.L
   t0 = (c - spec.rope_dim) // 128 * 128
-  G = slots_per_step(m)
+  G = slots_per_step(geo.m)
   Np = _round_up(N, G)
-  Sp = max(S, m)
-
-  def rows(x):  # [B, S, coff·c] -> [B, Sp, coff, L/128, 128]
-    x = _pad(x.reshape(B, S, coff, c), (B, Sp, coff, L))
-    return x.reshape(B, Sp, coff, L // 128, 128)
+  Sp = max(_round_up(S, geo.T), geo.W1)
 
   end = _pad(end_BN.astype(jnp.int32), (B, Np), -1)
   prev = _pad((has_prev_BN & (end_BN >= 0)).astype(jnp.int32), (B, Np))
   flags = jnp.stack([(end >= 0).astype(jnp.int32), prev], axis=-1)
-  ape = _pad(ape_MC.astype(_F32).reshape(m, coff, c).swapaxes(0, 1), (coff, m, L))
   w = _pad(weight_C.astype(_F32)[None], (1, L))
   cos, sin = rope_lanes(_pad(positions_BN, (B, Np)), spec, c, t0, L)
   nope = c - spec.rope_dim if fp8 else 0
   if fp8 and (nope <= 0 or nope % reference.FP8_BLOCK):
     raise ValueError(f"fp8 entries need NoPE dims (c {c} - rope {spec.rope_dim}) in multiples of "
                      f"{reference.FP8_BLOCK}")
-  build = lambda interpret: functools.partial(
-      _call, m=m, c=c, t0=t0, eps=spec.eps, overlap=spec.overlap, out_dtype=out_dtype, fp8_nope=nope, G=G,
-      interpret=interpret)
-  outs = _on_tpu_or_interpret(build, end, flags, ape, w, cos, sin, rows(kv_BSC), rows(score_BSC))
+  build = lambda interpret: functools.partial(_call, geo=geo, t0=t0, fp8_nope=nope, G=G, interpret=interpret)
+  outs = _on_tpu_or_interpret(build, end, flags, ape_lanes(ape_MC, geo), w, cos, sin,
+                              natural_rows(kv_BSC, geo, Sp), natural_rows(score_BSC, geo, Sp))
   entries = outs[0][:, :N, :c]
   if not fp8:
     return entries

@@ -1,8 +1,8 @@
 """One custom_vjp for every implementation of the op.
 
-Forward: the implementation's kernel. Backward: the VJP of the pure-JAX reference (recomputed from the
-inputs; its gathers are [B, N, coff·m, coff·c], the size of the inputs), for every implementation: a Pallas
-backward is not built yet. No gradient to the slot arrays (integers).
+Forward: the implementation's kernel. Backward: for "tpu", the Mosaic TPU backward kernel (tpu_bwd.py; TPU
+interpret mode off TPU); for "reference" and "gpu", the VJP of the pure-JAX reference (recomputed from the inputs;
+its gathers are [B, N, coff·m, coff·c], the size of the inputs). No gradient to the slot arrays (integers).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import functools
 
 import jax
 
-from pallas_kernels.compress import gpu, tpu
+from pallas_kernels.compress import gpu, tpu, tpu_bwd
 from pallas_kernels.compress.reference import Spec, compress_reference
 
 _FORWARD = {"reference": compress_reference, "tpu": tpu.compress_tpu, "gpu": gpu.compress_gpu}
@@ -29,8 +29,10 @@ def _fwd(kv, score, ape, weight, end, has_prev, positions, spec, implementation)
 
 
 def _bwd(spec, implementation, residuals, d_out):
-  del implementation
   kv, score, ape, weight, end, has_prev, positions = residuals
+  if implementation == "tpu":
+    grads = tpu_bwd.compress_tpu_bwd(kv, score, ape, weight, end, has_prev, positions, d_out, spec)
+    return grads + (None, None, None)
   _, pullback = jax.vjp(lambda a, b, c, d: compress_reference(a, b, c, d, end, has_prev, positions, spec),
                         kv, score, ape, weight)
   return pullback(d_out) + (None, None, None)
