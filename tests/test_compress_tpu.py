@@ -1,10 +1,14 @@
-"""Tests for the compress TPU kernel (TPU interpret mode on the CPU) and the op's custom_vjp: entries and
-gradients of implementation="tpu" against the reference on drawn shapes (head dims not a multiple of 128, with
-and without the overlap, packed documents that break runs of consecutive blocks), f32 and bf16; the FP8 cache
-rows of the kernel byte for byte against dsv4_jax.model.kv_format of its entries.
+"""Tests for the compress TPU kernels (TPU interpret mode on the CPU) and the op's custom_vjp: entries of
+implementation="tpu" against the reference, and its gradients (the Mosaic backward kernel, tpu_bwd.py) against
+the reference's VJP, on drawn shapes (head dims a multiple of 128 or not, the overlap with m = 4 or 8, m = 16 and
+m = 128 without, packed documents that break runs of consecutive blocks, empty (-1) slots anywhere), f32 and
+bf16; the FP8 cache rows of the kernel byte for byte against dsv4_jax.model.kv_format of its entries.
 
-Poisoning: the interpreter fills fresh buffers, outputs and DMA scratch included, with NaN (INTERPRET), so a
-slot the kernel fails to write, or a masked row it reads, fails the finiteness and value checks. The race
+Tolerances (relative to the largest reference value): entries 1e-5 f32, 2e-2 bf16 (an entry may round to the
+neighbouring bf16 value); gradients 1e-4 f32 (float32 sums in another order), 5e-2 bf16.
+
+Poisoning: the interpreter fills fresh buffers, outputs and scratch included, with NaN (INTERPRET), so a slot or
+row the kernel fails to write, or a row it reads unfetched, fails the finiteness and value checks. The race
 detector watches the DMAs (the next step's rows land while this step computes).
 """
 
@@ -22,16 +26,17 @@ from jax._src.pallas.mosaic.interpret import interpret_pallas_call
 
 import pallas_kernels
 from dsv4_jax.model import kv_format
-from pallas_kernels.compress import reference, tpu
+from pallas_kernels.compress import reference, tpu, tpu_bwd
 
 
 @pytest.fixture(autouse=True, scope="module")
 def small_steps():
-  """8 slots per grid step whatever m: several steps (the cross-step prefetch) at small S."""
-  saved = tpu.ROWS_PER_STEP
-  tpu.ROWS_PER_STEP = 8
+  """8 slots per forward step whatever m, backward steps of 4 halos: several steps (the cross-step prefetch,
+  windows of consecutive blocks and per-slot windows, slots straddling backward blocks) at small S."""
+  saved = tpu.ROWS_PER_STEP, tpu_bwd.ROWS_PER_STEP
+  tpu.ROWS_PER_STEP = tpu_bwd.ROWS_PER_STEP = 8
   yield
-  tpu.ROWS_PER_STEP = saved
+  tpu.ROWS_PER_STEP, tpu_bwd.ROWS_PER_STEP = saved
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +46,7 @@ def no_races():
   assert races is None or not races.races_found, "the interpreter's race detector flagged a race"
 
 
-def make_inputs(seed, B, S, c, rope, ratio, overlap, cuts, dtype):
+def make_inputs(seed, B, S, c, rope, ratio, overlap, cuts, dtype, drop=()):
   rng = np.random.default_rng(seed)
   C = 2 * c if overlap else c
   kv = jnp.asarray(rng.standard_normal((B, S, C)), dtype)
@@ -55,7 +60,10 @@ def make_inputs(seed, B, S, c, rope, ratio, overlap, cuts, dtype):
   starts = np.concatenate([[True], np.asarray(seg[0, 1:] != seg[0, :-1])])
   pos = np.arange(S) - np.maximum.accumulate(np.where(starts, np.arange(S), 0))
   positions = jnp.asarray(np.broadcast_to(pos, (B, S)) + 1000 * np.arange(B)[:, None], jnp.int32)
-  slots = reference.block_slots(positions, seg, ratio)
+  end, has_prev, pos_N = reference.block_slots(positions, seg, ratio)
+  if drop:  # empty slots among the real ones
+    end = end.at[:, np.asarray(drop) % end.shape[1]].set(-1)
+  slots = (end, has_prev, pos_N)
   freqs = 1.0 / (10000.0 ** (np.arange(0, rope, 2) / rope))
   return (kv, score, ape, weight) + slots, freqs
 
@@ -78,8 +86,8 @@ def check(got, want, rel):
   np.testing.assert_allclose(got, want, rtol=rel, atol=rel * max(np.abs(want).max(), 1e-3))
 
 
-def run_and_compare(seed, B, S, c, rope, ratio, overlap, cuts, dtype, grads=True):
-  args, freqs = make_inputs(seed, B, S, c, rope, ratio, overlap, cuts, dtype)
+def run_and_compare(seed, B, S, c, rope, ratio, overlap, cuts, dtype, grads=True, drop=()):
+  args, freqs = make_inputs(seed, B, S, c, rope, ratio, overlap, [t % S for t in cuts if t % S], dtype, drop)
   freqs = tuple(float(f) for f in np.asarray(freqs, np.float32))
   N = args[4].shape[1]
   w_out = jnp.asarray(np.random.default_rng(seed + 1).standard_normal((B, N, c)), jnp.float32)
@@ -96,24 +104,44 @@ def run_and_compare(seed, B, S, c, rope, ratio, overlap, cuts, dtype, grads=True
 
 
 # (B, S, c, rope, ratio, overlap): c not a multiple of 128 (lane padding), rope tail inside one tile or two;
-# m = 4 with the overlap (CSA), m = 16 without (HCA-like at test size), m = 8 with the overlap.
-SHAPES = [(2, 40, 40, 8, 4, True), (1, 70, 136, 16, 4, True), (1, 100, 72, 24, 16, False), (2, 60, 64, 16, 8, True)]
+# m = 4 with the overlap (CSA), m = 16 without (HCA-like at test size), m = 8 with the overlap; S = 136 and 128
+# hold windows of 8 consecutive blocks (one DMA), c = 128 with S = 128 runs on the inputs uncopied.
+SHAPES = [(2, 40, 40, 8, 4, True), (1, 70, 136, 16, 4, True), (1, 100, 72, 24, 16, False), (2, 60, 64, 16, 8, True),
+          (1, 136, 40, 8, 4, True), (1, 128, 128, 16, 4, True)]
+# Gradients: CSA (m = 4, 2c channels), m = 128 without the overlap (HCA), m = 16 without.
+GRAD_SHAPES = [(2, 136, 40, 8, 4, True), (1, 128, 128, 16, 4, True), (1, 300, 64, 16, 128, False),
+               (1, 100, 72, 24, 16, False)]
+CUTS = st.lists(st.integers(1, 400), max_size=3, unique=True)  # document starts (mod S)
+DROPS = st.lists(st.integers(0, 100), max_size=2)  # slots set to -1 (mod N)
 
 
 @settings(max_examples=3, deadline=None)
 @given(seed=st.integers(0, 10_000), shape=st.sampled_from(SHAPES), dtype=st.sampled_from(["float32", "bfloat16"]),
-       cuts=st.lists(st.integers(1, 39), max_size=3, unique=True))
-def test_matches_reference(seed, shape, dtype, cuts):
-  run_and_compare(seed, *shape, cuts=cuts, dtype=dtype, grads=False)
+       cuts=CUTS, drop=DROPS)
+def test_matches_reference(seed, shape, dtype, cuts, drop):
+  run_and_compare(seed, *shape, cuts=cuts, dtype=dtype, grads=False, drop=drop)
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), shape=st.sampled_from(GRAD_SHAPES),
+       dtype=st.sampled_from(["float32", "bfloat16"]), cuts=CUTS, drop=DROPS)
+def test_gradients_match_reference_vjp(seed, shape, dtype, cuts, drop):
+  """The Mosaic backward's d(kv), d(score), d(ape), d(norm_weight) equal the reference's VJP."""
+  run_and_compare(seed, *shape, cuts=cuts, dtype=dtype, drop=drop)
 
 
 def test_gradients_packed_float32():
-  """Kernel forward + the shared backward equals the reference's, with documents breaking the runs."""
+  """Kernel forward and backward equal the reference's, with documents breaking the runs."""
   run_and_compare(1, 2, 72, 40, 8, 4, True, cuts=[5, 30, 31], dtype="float32")
 
 
 def test_gradients_bfloat16_no_overlap():
-  run_and_compare(2, 1, 100, 72, 24, 16, False, cuts=[17], dtype="bfloat16")
+  run_and_compare(2, 1, 100, 72, 24, 16, False, cuts=[17], dtype="bfloat16", drop=[3])
+
+
+def test_gradients_hca_float32():
+  """m = 128: the backward's row loops are fori_loops (dynamic rows), slots straddle the row blocks."""
+  run_and_compare(5, 1, 400, 64, 16, 128, False, cuts=[70], dtype="float32")
 
 
 def test_fp8_rows_equal_kv_format():

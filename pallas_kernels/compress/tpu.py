@@ -112,13 +112,17 @@ def slot_rows(q_ref, j, r, part, geo: Geometry, G: int):
   return q_ref[j, pl.ds(r, G, stride=geo.S1), :]
 
 
+def ape_tile(j, part, geo: Geometry) -> int:
+  """Leading index in ape_lanes' layout of lane tile j of the own (1) / previous (0) block's channels."""
+  return (geo.nt if geo.overlap and part == 1 else 0) + j
+
+
 def logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G):
   """(own, previous or None) gate logits [G, 128] of row r, lane tile j (-inf where there is no previous block)."""
-  lanes = pl.ds(j * 128, 128)
-  cur = slot_rows(sc_q, j, r, 1, geo, G) + ape_ref[1 if geo.overlap else 0, pl.ds(r, 1), lanes]
+  cur = slot_rows(sc_q, j, r, 1, geo, G) + ape_ref[ape_tile(j, 1, geo), pl.ds(r, 1), :]
   if not geo.overlap:
     return cur, None
-  prev = slot_rows(sc_q, j, r, 0, geo, G) + ape_ref[0, pl.ds(r, 1), lanes]
+  prev = slot_rows(sc_q, j, r, 0, geo, G) + ape_ref[ape_tile(j, 0, geo), pl.ds(r, 1), :]
   return cur, jnp.where(has_prev_G1, prev, -jnp.inf)
 
 
@@ -342,9 +346,11 @@ def natural_rows(x_BSC, geo: Geometry, Sp: int):
 
 
 def ape_lanes(ape_MC, geo: Geometry):
-  """ape [m, coff·c] -> [coff, m, L] float32 (channel half first)."""
+  """ape [m, coff·c] -> [coff·L/128, m, 128] float32: a lane tile of a channel half per leading index (a row at
+  a dynamic index is then a whole-lane load)."""
   coff = 2 if geo.overlap else 1
-  return _pad(ape_MC.astype(_F32).reshape(geo.m, coff, geo.c).swapaxes(0, 1), (coff, geo.m, geo.L))
+  ape = _pad(ape_MC.astype(_F32).reshape(geo.m, coff, geo.c), (geo.m, coff, geo.L))
+  return ape.reshape(geo.m, coff * geo.nt, 128).swapaxes(0, 1)
 
 
 def compress_tpu(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, positions_BN, spec, *,

@@ -112,9 +112,8 @@ def _kernel(end_ref, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, g_ref, kv_lo, 
     mx, s, P = stats[jt]
     rs = 1.0 / s
     dP_t = dP[:, jt * 128:(jt + 1) * 128]
-    lanes = pl.ds(jt * 128, 128)
 
-    def body(r, carry, jt=jt, mx=mx, rs=rs, P=P, dP_t=dP_t, lanes=lanes):
+    def body(r, carry, jt=jt, mx=mx, rs=rs, P=P, dP_t=dP_t):
       cur, prev = fwd.logits(sc_q, ape_ref, has_prev_G1, jt, r, geo, GB)
       for part, z in ((1, cur), (0, prev)):
         if z is None:
@@ -124,8 +123,7 @@ def _kernel(end_ref, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, g_ref, kv_lo, 
         dz = p * (fwd.slot_rows(kv_q, jt, r, part, geo, GB) - P) * dP_t
         _set_rows(kv_q, jt, r, part, dx, geo, GB)
         _set_rows(sc_q, jt, r, part, dz, geo, GB)
-        h = 1 if (geo.overlap and part == 1) else 0
-        dape_ref[0, h, pl.ds(r, 1), lanes] += jnp.sum(jnp.where(owner_G1, dz, 0.0), axis=0, keepdims=True)
+        dape_ref[0, fwd.ape_tile(jt, part, geo), pl.ds(r, 1), :] += jnp.sum(jnp.where(owner_G1, dz, 0.0), axis=0, keepdims=True)
       return carry
 
     fwd.loop(m, body, 0)
@@ -158,7 +156,6 @@ def _call(ends, flags, ape, w, cos, sin, g, kv, sc, *, geo, t0, H, RB, interpret
   B, nR, _, GB = ends.shape
   Sp, Cp = kv.shape[1], kv.shape[2]
   L = w.shape[1]
-  coff = ape.shape[0]
   per_block = lambda *tail: pl.BlockSpec((1, 1) + tail, lambda b, j: (b, j) + (0,) * len(tail))
   hr = RB // H
   lo = pl.BlockSpec((1, H, Cp), lambda b, j: (b, jnp.maximum(j * hr - 1, 0), 0))
@@ -173,10 +170,10 @@ def _call(ends, flags, ape, w, cos, sin, g, kv, sc, *, geo, t0, H, RB, interpret
                 per_block(GB, 3), pl.BlockSpec(ape.shape, lambda b, j: (0, 0, 0)),
                 pl.BlockSpec(w.shape, lambda b, j: (0, 0)), per_block(GB, L - t0), per_block(GB, L - t0),
                 per_block(GB, L), lo, mid, hi, lo, mid, hi],
-      out_specs=[mid, mid, pl.BlockSpec((1, coff, geo.m, L), lambda b, j: (b, 0, 0, 0)),
+      out_specs=[mid, mid, pl.BlockSpec((1,) + ape.shape, lambda b, j: (b, 0, 0, 0)),
                  pl.BlockSpec((1, 1, L), lambda b, j: (b, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct(kv.shape, kv.dtype), jax.ShapeDtypeStruct(sc.shape, sc.dtype),
-                 jax.ShapeDtypeStruct((B, coff, geo.m, L), _F32), jax.ShapeDtypeStruct((B, 1, L), _F32)],
+                 jax.ShapeDtypeStruct((B,) + ape.shape, _F32), jax.ShapeDtypeStruct((B, 1, L), _F32)],
       scratch_shapes=[pltpu.VMEM((X, Cp), kv.dtype), pltpu.VMEM((X, Cp), sc.dtype),
                       pltpu.VMEM((geo.K, GB * geo.S1, 128), _F32), pltpu.VMEM((geo.K, GB * geo.S1, 128), _F32),
                       pltpu.VMEM((X, Cp), _F32), pltpu.VMEM((X, Cp), _F32)],
@@ -231,6 +228,6 @@ def compress_tpu_bwd(kv_BSC, score_BSC, ape_MC, weight_C, end_BN, has_prev_BN, p
       return x
     return x.reshape(B, Sp, coff, L)[:, :S, :, :c].reshape(B, S, C)
 
-  dape = jnp.sum(dape, axis=0)[:, :, :c].swapaxes(0, 1).reshape(geo.m, C)
+  dape = jnp.sum(dape, axis=0).swapaxes(0, 1).reshape(geo.m, coff, L)[:, :, :c].reshape(geo.m, C)
   return (rows_back(dkv), rows_back(dsc), dape.astype(ape_MC.dtype),
           jnp.sum(dw, axis=(0, 1))[:c].astype(weight_C.dtype))
