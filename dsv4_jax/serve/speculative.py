@@ -163,7 +163,8 @@ class SpecStats:
 class SpeculativeBackend:
   """An engine backend (backend.py) over the KV cache that decodes with MTP speculation.
 
-  Besides prefill / decode / release it offers `speculate(slots, tokens, params, positions, budgets)`, which the
+  Besides prefill / decode / fork / extend / release (the CachedBackend contract; fork and extend serve Quick
+  Instruction) it offers `speculate(slots, tokens, params, positions, budgets)`, which the
   engine calls instead of decode + sampling: up to two tokens per slot per step. `decode` (plain, logits) also
   works and keeps the MTP side in step. Prompts are right-padded to a multiple of `bucket`; steps run the whole
   batch with free slots inactive (one compile each).
@@ -191,7 +192,7 @@ class SpeculativeBackend:
     self._lengths: list[int | None] = [None] * num_slots
     self.stats = SpecStats()
     graphdef, self._state = nnx.split(model)
-    self._prefill, self._step = _jitted(graphdef)
+    self._prefill, self._extend, self._step = _jitted(graphdef)
     self.forced_draft = None  # tests: a function (slots) -> draft tokens, replacing the MTP block's
 
   def prefill(self, slot, prompt_ids):
@@ -249,6 +250,42 @@ class SpeculativeBackend:
     self.stats.emitted += int(kept[idx].sum())
     return t[idx], kept[idx]
 
+  def fork(self, src, dst):
+    """Slot `dst` (free) continues slot `src`'s sequence (Quick Instruction): the main and the MTP caches fork
+    copy-on-write (serve.cache.fork_slot: state rows copied, full pages shared, the last page copied) and the
+    slot's pending MTP inputs (streams, tokens, count) are copied, so `dst` drafts as `src` would."""
+    from dsv4_jax.serve.cache import fork_slot
+    if self._lengths[src] is None or self._lengths[dst] is not None or src == dst:
+      raise RuntimeError(f"fork: slot {src} must hold a sequence and slot {dst} must be free")
+    self.cache = fork_slot(self.cache, src, dst)
+    d = self.draft
+    copy = lambda a: a.at[dst].set(a[src])
+    self.draft = DraftState(cache=fork_slot(d.cache, src, dst), h=copy(d.h), tokens=copy(d.tokens),
+                            count=copy(d.count))
+    self._lengths[dst] = self._lengths[src]
+    self._check()
+
+  def extend(self, slots, token_lists):
+    """Appends token_lists[i] to slot slots[i] (one batched cached step, the MTP block's inputs too); logits
+    [len(slots), V] after each row's last token. As CachedBackend.extend; no draft."""
+    n = [len(t) for t in token_lists]
+    for slot, k in zip(slots, n, strict=True):
+      if self._lengths[slot] is None:
+        raise RuntimeError(f"slot {slot} holds no sequence")
+      if k < 1 or self._lengths[slot] + k > self.max_len:
+        raise ValueError(f"slot {slot}: cannot add {k} tokens to {self._lengths[slot]} (max_len {self.max_len})")
+    width = 1 << (max(n) - 1).bit_length()  # a power of two, then multiples of the bucket: few compiles
+    width = width if width <= self.bucket else -(-max(n) // self.bucket) * self.bucket
+    tokens = np.zeros((len(slots), width), np.int32)
+    for row, toks in enumerate(token_lists):
+      tokens[row, :len(toks)] = toks
+    logits, self.cache, self.draft = self._extend(self._state, self.cache, self.draft, jnp.asarray(tokens),
+                                                  jnp.asarray(n, jnp.int32), jnp.asarray(list(slots), jnp.int32))
+    for slot, k in zip(slots, n):
+      self._lengths[slot] += k
+    self._check()
+    return logits
+
   def release(self, slot):
     self.cache = self._release(self.cache, slot)
     d = self.draft
@@ -262,7 +299,7 @@ class SpeculativeBackend:
 
 @functools.lru_cache(maxsize=8)
 def _jitted(graphdef):
-  """Jitted prefill and step for one model structure (caches donated)."""
+  """Jitted prefill, extend (rows into given slots) and step for one model structure (caches donated)."""
 
   @functools.partial(jax.jit, donate_argnums=(1, 2))
   def prefill_fn(state, cache, draft, tokens_1S, length_1, slot_1):
@@ -270,7 +307,12 @@ def _jitted(graphdef):
     return logits[0, length_1[0] - 1], cache, draft
 
   @functools.partial(jax.jit, donate_argnums=(1, 2))
+  def extend_fn(state, cache, draft, tokens_NS, counts_N, slots_N):
+    logits, cache, draft = prefill(nnx.merge(graphdef, state), tokens_NS, cache, draft, counts_N, slots_N)
+    return logits[jnp.arange(tokens_NS.shape[0]), counts_N - 1], cache, draft
+
+  @functools.partial(jax.jit, donate_argnums=(1, 2))
   def step_fn(state, cache, draft, *args):
     return step(nnx.merge(graphdef, state), cache, draft, *args)
 
-  return prefill_fn, step_fn
+  return prefill_fn, extend_fn, step_fn
