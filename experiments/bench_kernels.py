@@ -34,31 +34,17 @@ import pallas_kernels  # noqa: E402
 from pallas_kernels.compress import block_slots  # noqa: E402
 from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: E402
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference  # noqa: E402
+from timing import copy_bandwidth, matmul_rate, median_time  # noqa: E402
 
 WINDOW = 128
 SHAPES = {"Flash": dict(H=64, topk=512), "Pro": dict(H=128, topk=1024)}
 D = 512
 
 
-def median_time(fn, *args, n=5):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
-
-
 def ceilings(small):
-  n = 2048 if small else 8192
-  a = jnp.ones((n, n), jnp.bfloat16)
-  mm = jax.jit(lambda a, b: a @ b)
-  t_mm = median_time(mm, a, a)
-  x = jnp.ones((64 if small else 1024, 1 << 20), jnp.float32)  # 4 GiB
-  cp = jax.jit(lambda x: x * 1.0001)
-  t_cp = median_time(cp, x)
-  return 2 * n ** 3 / t_mm, 2 * x.size * 4 / t_cp
+  """(bf16 matmul FLOP/s, copy bytes/s): ones [n, n] @ [n, n], and a pass over 4 GiB of float32 (medians of 5)."""
+  return (matmul_rate(2048 if small else 8192, steps=5, warmup=1, ones=True),
+          copy_bandwidth(jnp.ones((64 if small else 1024, 1 << 20), jnp.float32), steps=5, warmup=1))
 
 
 def csa_inputs(S, H, topk, seed=0, last=None):
@@ -176,13 +162,14 @@ def main():
         row["k_err"] = f"{type(e).__name__}"
         traceback.print_exc()
       try:
-        row["r"] = median_time(ref, q, kv, sink, idx, n=3)
+        row["r"] = median_time(ref, q, kv, sink, idx, steps=3)
       except Exception as e:  # noqa: BLE001
         row["r_err"] = type(e).__name__
       dm = "n/a"
       if S <= 32768 and not over():
         try:
-          t_dm = median_time(jax.jit(functools.partial(dense_mask_attention, scale=scale)), q, kv, sink, idx, n=3)
+          t_dm = median_time(jax.jit(functools.partial(dense_mask_attention, scale=scale)), q, kv, sink, idx,
+                             steps=3)
           dm = f"{t_dm * 1e3:.1f}"
           row["dm"] = t_dm
         except Exception as e:  # noqa: BLE001
@@ -225,7 +212,7 @@ def main():
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(lse)
       try:
         g = jax.jit(jax.grad(functools.partial(loss, f=kern), argnums=(0, 1, 2)))
-        t_fb = median_time(g, q, kv, sink, n=3)
+        t_fb = median_time(g, q, kv, sink, steps=3)
         fb_flops = fwd_flops * 3.5
         emit(f"| {name} H={H} k={topk} | {S} | fwd+bwd | {t_fb * 1e3:.2f} | {fb_flops / t_fb / 1e12:.1f} | "
              f"{fb_flops / t_fb / mm_flops:.1%} | | | | | |")
@@ -236,7 +223,7 @@ def main():
     try:  # the last 128K queries of a 1M context (kv: 1M raw rows + 256K entries); q for all 1M would be 64 GiB
       q, kv, sink, idx = csa_inputs(S, 64, 512, last=last)
       kern = jax.jit(functools.partial(pallas_kernels.sparse_attention, scale=scale, implementation=impl))
-      t = median_time(kern, q, kv, sink, idx, n=2)
+      t = median_time(kern, q, kv, sink, idx, steps=2)
       emit(f"| Flash H=64 k=512 | 1M context, last 128K queries (×8 = {8 * t * 1e3:.0f} ms for all 1M) | fwd | "
            f"{t * 1e3:.0f} | {4 * 64 * D * 640 * last / t / 1e12:.1f} | {4 * 64 * D * 640 * last / t / mm_flops:.1%} "
            f"| | | | | |")
@@ -279,7 +266,7 @@ def _bench_compress(S, copy_bw):
     f = jax.jit(lambda kv, score, impl=impl: pallas_kernels.compress(
         kv, score, ape, w, end, has_prev, positions, ratio=m, rope_freqs=freqs, implementation=impl))
     try:
-      t = median_time(f, kv, score, n=20)
+      t = median_time(f, kv, score, steps=20)
       rows.append(f"| {S} | {name} | {t * 1e3:.3f} | {moved / t / 1e9:.0f} | {moved / t / copy_bw:.0%} |")
     except Exception as e:  # noqa: BLE001
       rows.append(f"| {S} | {name} | {type(e).__name__}: {str(e)[:100]} | | |")

@@ -62,6 +62,8 @@ from dsv4_jax.model.transformer import DeepSeekV4, layer_plan  # noqa: E402
 from dsv4_jax.serve.cache import cache_bytes  # noqa: E402
 from dsv4_jax.serve.steps import make_decode, make_prefill  # noqa: E402
 
+import timing  # noqa: E402  (experiments/timing.py)
+
 GiB = 2 ** 30
 
 
@@ -194,33 +196,7 @@ def decode_flops(cfg: ModelConfig, batch: int, context: int) -> float:
   return f * batch
 
 
-# ----- timing --------------------------------------------------------------------------------------------
-def timed(fn, *args, steps: int, warmup: int = 2) -> float:
-  """Median seconds of fn(*args) (outputs blocked on); fn must not donate its inputs."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int) -> float:
-  """Device copy bandwidth in bytes/s (read + written), random bf16 data."""
-  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-  f = jax.jit(lambda a: a * 1.5)  # one read, one write per element
-  t = timed(f, x, steps=20, warmup=3)
-  return 2 * x.size * 2 / t
-
-
-def matmul_rate(n: int) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  return 2 * n ** 3 / timed(jax.jit(lambda a, b: a @ b), a, b, steps=10, warmup=3)
-
-
+# ----- timing (copy bandwidth, matmul rate and plain medians: experiments/timing.py) ---------------------
 def time_decode(decode, cache, batch: int, vocab: int, steps: int, warmup: int, max_context: int):
   """(median step s, mean back-to-back step s, compile+first step s, cache). The cache is donated each step."""
   tokens = jnp.asarray(np.random.default_rng(batch).integers(2, vocab, (batch, 1)), jnp.int32)
@@ -285,12 +261,12 @@ def time_parts(model, cfg, batch: int, steps: int) -> list[tuple[str, float]]:
     g, p = nnx.split(moe)
     f = jax.jit(lambda p, x, t: nnx.merge(g, p)(x, t)[0])
     rows.append((f"MoE of one layer (router + {cfg.n_routed_experts} experts, {name} + shared)",
-                 timed(f, p, x, tok, steps=steps)))
+                 timing.median_time(f, p, x, tok, steps=steps, warmup=2)))
     del moe, p
   g, p = nnx.split(model)
   h = jax.random.normal(jax.random.key(4), (batch, 1, cfg.hc_mult, cfg.hidden_size), jnp.bfloat16)
   head = jax.jit(lambda p, h: (lambda m: m.logits(m.norm(m.hc_head(h))))(nnx.merge(g, p)))
-  rows.append(("head (hc head + norm + d→V logits)", timed(head, p, h, steps=steps)))
+  rows.append(("head (hc head + norm + d→V logits)", timing.median_time(head, p, h, steps=steps, warmup=2)))
   return rows
 
 
@@ -501,9 +477,9 @@ def main(argv=None) -> int:
 
   copy_bytes = (64 << 20) if small else (2 << 30)  # 2^30 bf16 elements: well past L2 (60 MB), under int32 counts
   r["copy_gib"] = copy_bytes / GiB
-  r["bw"] = copy_bandwidth(copy_bytes)
+  r["bw"] = timing.copy_bandwidth(jax.random.normal(jax.random.key(0), (copy_bytes // 2,), jnp.bfloat16))
   r["mm_n"] = 1024 if small else 8192
-  r["mm"] = matmul_rate(r["mm_n"])
+  r["mm"] = timing.matmul_rate(r["mm_n"])
   log(f"copy bandwidth {r['bw'] / 1e12:.3f} TB/s, bf16 matmul {r['mm'] / 1e12:.1f} TFLOP/s")
 
   t = time.perf_counter()

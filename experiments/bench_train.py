@@ -32,6 +32,8 @@ from dsv4_jax.model.transformer import DeepSeekV4  # noqa: E402
 from dsv4_jax.train import optimizer as opt_lib  # noqa: E402
 from dsv4_jax.train import step as step_lib  # noqa: E402
 
+import timing  # noqa: E402  (experiments/timing.py)
+
 DATASHEET_BF16 = 989e12
 
 
@@ -53,24 +55,9 @@ def bench_config(seq: int) -> ModelConfig:
 
 
 def timed(fn, *args, steps: int, warmup: int = 2):
-  """Median seconds of fn(*args) (outputs blocked on); fn must not donate its inputs."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t)
+  """(median seconds, each run's seconds) of fn(*args) (outputs blocked on); fn must not donate its inputs."""
+  times = timing.run_times(fn, *args, steps=steps, warmup=warmup)
   return statistics.median(times), times
-
-
-def matmul_ceiling() -> float:
-  n = 8192
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-  f = jax.jit(lambda a, b: a @ b)
-  t, _ = timed(f, a, b, steps=10, warmup=3)
-  return 2 * n ** 3 / t
 
 
 def random_batch(cfg, batch: int, seq: int, seed: int):
@@ -202,7 +189,7 @@ def main():
   SMOKE, FP32 = args.smoke, args.fp32_matmuls
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}, python {platform.python_version()}", flush=True)
-  ceiling = matmul_ceiling()
+  ceiling = timing.matmul_rate(8192)
   print(f"measured bf16 matmul (8192^3, random): {ceiling / 1e12:.0f} TFLOP/s", flush=True)
   parts = breakdown(args.seq[0], *plans_for(args.seq[0])[:1], args.steps, ceiling) if args.breakdown else []
   rows = []

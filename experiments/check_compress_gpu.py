@@ -28,31 +28,15 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from pallas_kernels.compress import block_slots, gpu, reference
-
-try:
-  from bench_kernels import ceilings  # the same copy-bandwidth measurement as the kernel benchmark
-except ImportError:  # pragma: no cover
-  ceilings = None
+import timing
 
 C_HEAD, ROPE = 512, 64
 FREQS = tuple(float(f) for f in np.asarray(1.0 / (10000 ** (np.arange(ROPE // 2) / (ROPE // 2))), np.float32))
 
 
-def timed(fn, *args, n):
-  jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(n):
-    t = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t)
-  return float(np.median(ts))
-
-
 def copy_bandwidth(small):
-  if ceilings is not None:
-    return ceilings(small)[1]
-  x = jnp.ones((64 if small else 1024, 1 << 20), jnp.float32)
-  return 2 * x.size * 4 / timed(jax.jit(lambda x: x * 1.0001), x, n=5)
+  """The copy ceiling as experiments/bench_kernels.py `ceilings` measures it."""
+  return timing.copy_bandwidth(jnp.ones((64 if small else 1024, 1 << 20), jnp.float32), steps=5, warmup=1)
 
 
 def inputs(S, m, overlap, kv_dtype, score_dtype, cuts=0, seed=0):
@@ -95,7 +79,7 @@ def run_case(name, S, m, overlap, kv_dtype, score_dtype, copy_bw, args, cuts=0, 
   N = a[4].shape[1]
   moved = kv.size * kv.dtype.itemsize + score.size * score.dtype.itemsize + N * C_HEAD * 2
   for label, f in (("gpu kernel", kern), ("reference (XLA)", ref)):
-    t = timed(f, *a, n=args.n)
+    t = timing.median_time(f, *a, steps=args.n)
     print(f"    {label:<16} {t * 1e3:8.3f} ms  {moved / t / 1e9:7.0f} GB/s  {moved / t / copy_bw:6.1%} of copy",
           flush=True)
   print(f"    ({time.time() - t0:.1f} s)", flush=True)
@@ -148,7 +132,7 @@ def main():
       try:
         f = jax.jit(functools.partial(gpu.compress_gpu, spec=spec, interpret=interpret, group=group, stages=stages,
                                       stage_bytes=kib * 1024))
-        t = timed(f, *a, n=args.n)
+        t = timing.median_time(f, *a, steps=args.n)
         print(f"  group {group:>2} stages {stages} stage {kib:>2} KiB: {t * 1e3:8.3f} ms  {moved / t / 1e9:7.0f} "
               f"GB/s  {moved / t / copy_bw:6.1%} of copy", flush=True)
       except Exception as e:  # noqa: BLE001
