@@ -17,6 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._query_chunks import merge_queries, split_queries
+
 SCORE_BUDGET = 1 << 24  # elements of one chunk's [B, C, H, N] relu(q·k) tensor
 
 
@@ -52,17 +54,9 @@ def indexer_topk_reference(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int,
   if size >= S:
     idx, top = chunk(q_BSHD, w_BSH, start_BS, end_BS)
   else:
-    n = -(-S // size)
-    pad = n * size - S
-
-    def split(a):
-      a = jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2))
-      return a.reshape((B, n, size) + a.shape[2:]).swapaxes(0, 1)
-
-    idx, top = jax.lax.map(lambda args: chunk(*args), (split(q_BSHD), split(w_BSH), split(start_BS),
-                                                         split(end_BS)))
-    merge = lambda a: a.swapaxes(0, 1).reshape(B, n * size, k)[:, :S]
-    idx, top = merge(idx), merge(top)
+    xs = tuple(split_queries(a, size) for a in (q_BSHD, w_BSH, start_BS, end_BS))
+    idx, top = jax.lax.map(lambda args: chunk(*args), xs)
+    idx, top = merge_queries(idx, S), merge_queries(top, S)
   if k < topk:
     idx = jnp.pad(idx, ((0, 0), (0, 0), (0, topk - k)), constant_values=-1)
     top = jnp.pad(top, ((0, 0), (0, 0), (0, topk - k)), constant_values=-jnp.inf)

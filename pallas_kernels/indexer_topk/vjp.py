@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._query_chunks import merge_queries, split_queries
 from pallas_kernels.indexer_topk import tpu
 from pallas_kernels.indexer_topk.reference import indexer_topk_reference
 
@@ -43,13 +44,6 @@ def indexer_topk_bwd(q_BSHD, k_BND, w_BSH, idx_BSK, dscores_BSK, *, query_chunk:
   B, S, H, D = q_BSHD.shape
   N, K = k_BND.shape[1], idx_BSK.shape[2]
   C = min(S, query_chunk or max(1, BWD_BUDGET // max(1, B * H * K)))
-  n = -(-S // C)
-  pad = n * C - S
-
-  def split(x, value=0):  # [B, S, ...] -> [n, B, C, ...]
-    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
-    return x.reshape((B, n, C) + x.shape[2:]).swapaxes(0, 1)
-
   b_B11 = jnp.arange(B)[:, None, None]
 
   def step(dk_BND, xs):
@@ -57,10 +51,10 @@ def indexer_topk_bwd(q_BSHD, k_BND, w_BSH, idx_BSK, dscores_BSK, *, query_chunk:
     dq, dw, g = _chunk_grads(q, k_BND, w, idx, ds)
     return dk_BND.at[b_B11, jnp.where(idx >= 0, idx, N)].add(g, mode="drop"), (dq, dw)
 
-  xs = (split(q_BSHD), split(w_BSH), split(idx_BSK, -1), split(dscores_BSK))
+  xs = (split_queries(q_BSHD, C), split_queries(w_BSH, C), split_queries(idx_BSK, C, -1),
+        split_queries(dscores_BSK, C))
   dk_BND, (dq, dw) = lax.scan(step, jnp.zeros((B, N, D), _F32), xs)
-  unsplit = lambda a: a.swapaxes(0, 1).reshape((B, n * C) + a.shape[3:])[:, :S]
-  return unsplit(dq), dk_BND, unsplit(dw)
+  return merge_queries(dq, S), dk_BND, merge_queries(dw, S)
 
 
 def _forward(q, k, w, start, end, topk, implementation, query_chunk):

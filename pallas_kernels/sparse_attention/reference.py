@@ -14,6 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._query_chunks import merge_queries, split_queries
+
 
 def _attend_chunk(q_BCHD, kv_BTD, sink_H, idx_BCK, scale):
   valid_BCK = idx_BCK >= 0
@@ -35,17 +37,11 @@ def _attend_chunk(q_BCHD, kv_BTD, sink_H, idx_BCK, scale):
 
 def sparse_attention_reference(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, query_chunk: int = 256):
   """Returns (out [B,S,H,D] in q's dtype, lse [B,S,H] float32)."""
-  B, S, H, D = q_BSHD.shape
+  S = q_BSHD.shape[1]
   if S <= query_chunk:
     return _attend_chunk(q_BSHD, kv_BTD, sink_H, indices_BSK, scale)
-  n_chunks = -(-S // query_chunk)
-  pad = n_chunks * query_chunk - S
-  q = jnp.pad(q_BSHD, ((0, 0), (0, pad), (0, 0), (0, 0)))
-  idx = jnp.pad(indices_BSK, ((0, 0), (0, pad), (0, 0)), constant_values=-1)
-  q = q.reshape(B, n_chunks, query_chunk, H, D).swapaxes(0, 1)
-  idx = idx.reshape(B, n_chunks, query_chunk, -1).swapaxes(0, 1)
+  q = split_queries(q_BSHD, query_chunk)
+  idx = split_queries(indices_BSK, query_chunk, -1)
   chunk_fn = jax.checkpoint(lambda qc, ic: _attend_chunk(qc, kv_BTD, sink_H, ic, scale))
   out, lse = jax.lax.map(lambda args: chunk_fn(*args), (q, idx))
-  out = out.swapaxes(0, 1).reshape(B, n_chunks * query_chunk, H, D)[:, :S]
-  lse = lse.swapaxes(0, 1).reshape(B, n_chunks * query_chunk, H)[:, :S]
-  return out, lse
+  return merge_queries(out, S), merge_queries(lse, S)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels._query_chunks import merge_queries, split_queries
 from pallas_kernels.sparse_attention import gpu, tpu
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
@@ -51,13 +52,6 @@ def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *,
   B, S, H, D = q_BSHD.shape
   T = kv_BTD.shape[1]
   C = min(query_chunk, S)
-  n = -(-S // C)
-  pad = n * C - S
-
-  def split(x, value=0):  # [B, S, ...] -> [n, B, C, ...]
-    x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=value)
-    return x.reshape((B, n, C) + x.shape[2:]).swapaxes(0, 1)
-
   b_B11 = jnp.arange(B)[:, None, None]
 
   def step(dkv_BTD, xs):
@@ -66,10 +60,10 @@ def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *,
     dkv_BTD = dkv_BTD.at[b_B11, jnp.where(idx >= 0, idx, T)].add(g, mode="drop")
     return dkv_BTD, dq.astype(q_BSHD.dtype)
 
-  xs = (split(q_BSHD), split(indices_BSK, -1), split(dout_BSHD), split(lse_BSH.astype(_F32)),
-        split(delta_BSH.astype(_F32)))
+  xs = (split_queries(q_BSHD, C), split_queries(indices_BSK, C, -1), split_queries(dout_BSHD, C),
+        split_queries(lse_BSH.astype(_F32), C), split_queries(delta_BSH.astype(_F32), C))
   dkv_BTD, dq = lax.scan(step, jnp.zeros((B, T, D), _F32), xs)
-  return dq.swapaxes(0, 1).reshape(B, n * C, H, D)[:, :S], dkv_BTD
+  return merge_queries(dq, S), dkv_BTD
 
 
 _FORWARD = {"reference": sparse_attention_reference, "tpu": tpu.sparse_attention_tpu, "gpu": gpu.sparse_attention_gpu}
