@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from dsv4_jax import accounting  # noqa: E402
 from dsv4_jax.config import ModelConfig  # noqa: E402
+from reporting import context_label, save_figure  # noqa: E402  (experiments/reporting.py)
 
 GiB = 2**30
 MILLION = 2**20  # "1M" = max_position_embeddings = 1,048,576, as in spec §8.3
@@ -71,10 +72,6 @@ def compare_published(context: int = MILLION) -> list[dict]:
 
 
 # ----- report ----------------------------------------------------------------------------------------------
-def _k(context: int) -> str:
-  return f"{context // MILLION}M" if context % MILLION == 0 else f"{context // 1024}K"
-
-
 def _pct(x: float) -> str:
   return f"{100 * x:.1f}%"
 
@@ -133,7 +130,7 @@ def write_markdown(path: str, rows: list[dict], cmp: list[dict]) -> None:
       f"{n} GiB (B/token)" for n in names) + " | Flash / V3.2 | Pro / V3.2 |", "|---" * (len(names) + 3) + "|"]
   for ctx in contexts:
     cells = [f"{by[n, ctx]['kv_bytes'] / GiB:.3f} ({by[n, ctx]['kv_per_token']:,.0f})" for n in names]
-    L.append(f"| {_k(ctx)} | " + " | ".join(cells) + f" | {_pct(by['V4-Flash', ctx]['kv_ratio'])} | "
+    L.append(f"| {context_label(ctx)} | " + " | ".join(cells) + f" | {_pct(by['V4-Flash', ctx]['kv_ratio'])} | "
              f"{_pct(by['V4-Pro', ctx]['kv_ratio'])} |")
   L += ["", f"## Single-token FLOPs (GFLOP, `{MAIN_WEIGHTING}` FP8-equivalent) and ratios under each weighting",
         "", "| context | " + " | ".join(names) + " | Flash / V3.2 raw, fp8, fp8_fp4 | Pro / V3.2 raw, fp8, fp8_fp4 |",
@@ -141,7 +138,7 @@ def write_markdown(path: str, rows: list[dict], cmp: list[dict]) -> None:
   for ctx in contexts:
     cells = [f"{by[n, ctx]['flops'][MAIN_WEIGHTING] / 1e9:,.1f}" for n in names]
     rat = {n: ", ".join(_pct(by[n, ctx]["flops_ratio"][w]) for w in WEIGHTINGS) for n in ("V4-Flash", "V4-Pro")}
-    L.append(f"| {_k(ctx)} | " + " | ".join(cells) + f" | {rat['V4-Flash']} | {rat['V4-Pro']} |")
+    L.append(f"| {context_label(ctx)} | " + " | ".join(cells) + f" | {rat['V4-Flash']} | {rat['V4-Pro']} |")
   L += ["", "## Where the FLOPs go at 1M (GFLOP before weighting; keys per token summed over layers)", "",
         "| model | linear FP8 | linear BF16 | attention (BF16) | indexer | attended keys | indexer keys |",
         "|---|---|---|---|---|---|---|"]
@@ -200,7 +197,7 @@ def discussion(by: dict, cmp: list[dict]) -> str:
   ]
   if short is not None:
     lines.append(
-      f"* **The FLOPs saving is a long-context saving.** At {_k(CONTEXTS[0])} V4-Pro needs "
+      f"* **The FLOPs saving is a long-context saving.** At {context_label(CONTEXTS[0])} V4-Pro needs "
       f"{_pct(short['flops_ratio'][MAIN_WEIGHTING])} of V3.2's FLOPs (it has more active parameters: 49B against "
       "V3.2's 37B); V4-Flash, with 13B active, is cheaper at every length. The KV saving holds at every length.")
   return "\n".join(lines)
@@ -296,13 +293,7 @@ def plot(out_dir: str, contexts=PLOT_CONTEXTS) -> list[str]:
 
 
 def _save(fig, out_dir: str, name: str) -> str:
-  path = os.path.join(out_dir, name)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  plt.close(fig)
-  return path
+  return save_figure(fig, os.path.join(out_dir, name))
 
 
 def main(argv=None) -> int:

@@ -28,6 +28,7 @@ from dsv4_jax import accounting  # noqa: E402
 from dsv4_jax.config import ModelConfig  # noqa: E402
 from dsv4_jax.model.cache import init_cache  # noqa: E402
 from dsv4_jax.model.transformer import layer_plan  # noqa: E402
+from reporting import context_label, save_figure  # noqa: E402  (experiments/reporting.py)
 
 GiB, MiB = 2**30, 2**20
 CONTEXTS = (131072, 1048576, 1000000)  # 128K, 1M (2^20), and 10^6 (not a whole number of pages)
@@ -106,14 +107,6 @@ def measure(cfg: ModelConfig, context: int, allocate: bool | None = None) -> dic
   }
 
 
-def _k(context: int) -> str:
-  if context % 2**20 == 0:
-    return f"{context // 2**20}M"
-  if context % 1024 == 0:
-    return f"{context // 1024}K"
-  return f"{context:,}"
-
-
 def write_markdown(path: str, rows: list[dict], names: list[str]) -> None:
   today = datetime.date.today().isoformat()
   L = [f"# Serving KV cache: allocated vs accounting ({today})", "",
@@ -129,7 +122,7 @@ def write_markdown(path: str, rows: list[dict], names: list[str]) -> None:
     mib = lambda b: f"{b / MiB:,.2f}"
     rss = "-" if r["rss_growth"] is None else mib(r["rss_growth"])
     buffers = "-" if r["buffer_nbytes"] is None else mib(r["buffer_nbytes"])
-    L.append(f"| {n} | {_k(r['context'])} | {r['mode']} | {mib(p['window'])} | {mib(p['compressed'])} | "
+    L.append(f"| {n} | {context_label(r['context'])} | {r['mode']} | {mib(p['window'])} | {mib(p['compressed'])} | "
              f"{mib(p['indexer'])} | **{mib(r['kv_allocated'])}** | **{mib(r['kv_accounting'])}** | "
              f"{r['gap']:+,} B | {mib(p['compressor_state'])} | {p['metadata']:,} B | {buffers} | {rss} |")
   L += ["", "All sizes in MiB unless marked B. \"KV\" = window + compressed + indexer keys, as the accounting.", "",
@@ -151,7 +144,7 @@ def write_markdown(path: str, rows: list[dict], names: list[str]) -> None:
         "| model | context | pages x tokens | padding tokens | page rounding (B) | gap - page rounding |",
         "|---|---|---|---|---|---|"]
   for r, n in zip(rows, names):
-    L.append(f"| {n} | {_k(r['context'])} | {r['pages']} x {r['page_tokens']} | {r['padding_tokens']} | "
+    L.append(f"| {n} | {context_label(r['context'])} | {r['pages']} x {r['page_tokens']} | {r['padding_tokens']} | "
              f"{r['page_rounding']:,} | {r['gap'] - r['page_rounding']:,} |")
   L += ["", "*all buffers (nbytes)*: the sum of `Array.nbytes` over every buffer of the allocated cache (KV + "
         "compressor state + metadata), as the runtime reports it. *RSS growth*: the resident memory the process "
@@ -190,15 +183,12 @@ def plot(path: str, rows: list[dict], names: list[str]) -> str:
         labels.append(f"{n}\n{kind}")
         x += 1
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
-    ax.set_title(f"context {_k(ctx)} tokens, one sequence")
+    ax.set_title(f"context {context_label(ctx)} tokens, one sequence")
     ax.set_ylabel("KV + compressor state per sequence (GiB)")
     ax.grid(True, axis="y", alpha=0.3)
   axes[0][0].legend(fontsize=8, loc="upper left")
   fig.suptitle("Serving cache, fp8 format: accounting (hatched) vs the arrays init_cache allocates; labels = totals")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-  return path
+  return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -218,9 +208,9 @@ def main(argv=None) -> int:
       r = measure(cfg, ctx, allocate=False if args.shapes_only else None)
       rows.append(r)
       names.append({"flash": "V4-Flash", "pro": "V4-Pro"}.get(name, name))
-      print(f"{names[-1]} {_k(ctx)} ({r['mode']}): KV {r['kv_allocated']:,} B allocated, {r['kv_accounting']:,} B "
-            f"accounting, gap {r['gap']:+,} B (page rounding {r['page_rounding']:,} B); compressor state "
-            f"{r['parts']['compressor_state']:,} B; RSS growth {r['rss_growth']}", flush=True)
+      print(f"{names[-1]} {context_label(ctx)} ({r['mode']}): KV {r['kv_allocated']:,} B allocated, "
+            f"{r['kv_accounting']:,} B accounting, gap {r['gap']:+,} B (page rounding {r['page_rounding']:,} B); "
+            f"compressor state {r['parts']['compressor_state']:,} B; RSS growth {r['rss_growth']}", flush=True)
   write_markdown(os.path.join(args.out, "kv_cache_measured.md"), rows, names)
   print("wrote", os.path.join(args.out, "kv_cache_measured.md"),
         plot(os.path.join(args.out, "kv_cache_measured.png"), rows, names))
