@@ -85,9 +85,22 @@ class RoutedExperts(nnx.Module):
     self.w2 = param(rngs, (E, f, d), ("experts", "mlp", "embed"), pdt, std=f ** -0.5)
 
   def __call__(self, x_TD, weights_TK, experts_TK):
-    if moe_impl(self.cfg) == "capacity":
+    impl = moe_impl(self.cfg)
+    if impl == "alltoall":
+      return self.alltoall_matmuls(x_TD, weights_TK, experts_TK)
+    if impl == "capacity":
       return self.capacity_matmuls(x_TD, weights_TK, experts_TK)
     return self.ragged_matmuls(x_TD, weights_TK, experts_TK)
+
+  def alltoall_matmuls(self, x_TD, weights_TK, experts_TK):
+    """Expert parallel: capacity buffers all-to-all'd over the context mesh's "expert" axis
+    (dsv4_jax/model/moe_alltoall.py); the capacity path without a mesh context or an "expert" axis > 1."""
+    from dsv4_jax.model import moe_alltoall  # noqa: PLC0415 (it imports this module)
+    mesh = moe_alltoall.expert_mesh()
+    if mesh is None:
+      return self.capacity_matmuls(x_TD, weights_TK, experts_TK)
+    return moe_alltoall.alltoall_matmuls(self.cfg, self.w1[...], self.w3[...], self.w2[...], x_TD, weights_TK,
+                                         experts_TK, mesh)
 
   def ragged_matmuls(self, x_TD, weights_TK, experts_TK):
     """Exact: rows sorted by expert, three grouped matmuls (jax.lax.ragged_dot)."""
@@ -145,7 +158,7 @@ def moe_impl(cfg) -> str:
 
 
 def moe_capacity(cfg, tokens: int) -> int:
-  """Rows per expert buffer in the capacity path."""
+  """Rows per expert buffer in the capacity path (of `tokens` tokens; the alltoall path: per token group)."""
   per_expert = tokens * cfg.num_experts_per_tok / cfg.n_routed_experts
   return max(1, min(tokens, math.ceil(cfg.moe_capacity_factor * per_expert)))
 
