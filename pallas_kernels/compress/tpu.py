@@ -4,14 +4,17 @@ cache codes, in one pass over the projected rows. The backward kernel is tpu_bwd
 Grid (batch, group of G slots). kv / score stay in their natural [B, S, coff·c] layout (no relayout copy; only
 c not a multiple of 128, or S not a multiple of the row tile, pads them): HBM tiles rows by T (8 for 32-bit, 16
 for 16-bit), and a DMA may only start on a tile row, so a step fetches T-aligned row windows that cover its rows
-and picks the rows inside VMEM. One window per buffer when the G slots are consecutive blocks (end[g] = end[0] +
-g·m, the common case), else one W1-row window per slot (packed documents, empty slots: clamped real rows, masked).
-The next step's DMAs start before this step computes (two buffers).
+and picks the rows inside VMEM. The next step's DMAs start before this step computes (two buffers). A slot's span
+is the m rows before its block (with the CSA overlap: read through channels [:c]) and the block's m rows
+(channels [c:]); row r of all G slots is one strided load of [G, 128] per lane tile.
 
-In VMEM every slot's span (the m rows before the block with the CSA overlap, then the block's m rows) is rolled
-into a compact float32 layout Q [coff·L/128, G·S1, 128] (slot g at rows g·S1, S1 = the span rounded up to 8,
-one lane tile per leading index), where row r of all G slots is one strided load of [G, 128]. With the overlap the
-previous block's rows are read through the tiles of channels [:c] and the block's own through [c:].
+* G consecutive blocks (end[g] = end[0] + g·m, the common case): one window of W rows, fetched as one DMA per
+  lane tile into [tiles, W, 128] (strided loads need whole-lane rows); slot g's rows start at d + g·m, d < T the
+  offset of the first span in the window. 32-bit rows are loaded straight from it (dynamic strided loads); packed
+  16-bit rows only take static ones, so the window is first rolled by d into float32.
+* Otherwise (packed documents, empty slots): one W1-row window per slot, each span rolled into a compact float32
+  layout [tiles, G·S1, 128] (slot g at rows g·S1, S1 = the span rounded up to 8); empty slots and missing
+  previous blocks read clamped real rows and are masked.
 
 The pooled vector, norm and RoPE are float32 [G, c] lane-dense math; RoPE rotates the tail lanes [T0, c) that
 hold the rope dims (T0 = the 128-aligned start) with two lane rolls and per-lane cos / ±sin tables from XLA.
@@ -105,11 +108,18 @@ def loop(n, body, init):
   return lax.fori_loop(0, n, body, init)
 
 
-def slot_rows(q_ref, j, r, part, geo: Geometry, G: int):
-  """[G, 128] float32: row r of every slot's own block (part 1) or previous block (part 0), lane tile j."""
-  if part == 1:
-    return q_ref[geo.nt + j if geo.overlap else j, pl.ds(geo.m_off + r, G, stride=geo.S1), :]
-  return q_ref[j, pl.ds(r, G, stride=geo.S1), :]
+def slot_rows(rows, j, r, part, geo: Geometry, G: int):
+  """[G, 128] float32: row r of every slot's own block (part 1) or previous block (part 0), lane tile j.
+
+  rows = (ref [tiles, R, 128], first row of slot 0's previous block, of its own block, rows between slots)."""
+  ref, p0, p1, stride = rows
+  tile = geo.nt + j if geo.overlap and part == 1 else j
+  return ref[tile, pl.ds((p1 if part == 1 else p0) + r, G, stride=stride), :].astype(_F32)
+
+
+def compact_rows(q_ref, geo: Geometry):
+  """slot_rows' view of roll_rows' compact layout."""
+  return q_ref, 0, geo.m_off, geo.S1
 
 
 def ape_tile(j, part, geo: Geometry) -> int:
@@ -117,19 +127,19 @@ def ape_tile(j, part, geo: Geometry) -> int:
   return (geo.nt if geo.overlap and part == 1 else 0) + j
 
 
-def logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G):
+def logits(sc_rows, ape_ref, has_prev_G1, j, r, geo, G):
   """(own, previous or None) gate logits [G, 128] of row r, lane tile j (-inf where there is no previous block)."""
-  cur = slot_rows(sc_q, j, r, 1, geo, G) + ape_ref[ape_tile(j, 1, geo), pl.ds(r, 1), :]
+  cur = slot_rows(sc_rows, j, r, 1, geo, G) + ape_ref[ape_tile(j, 1, geo), pl.ds(r, 1), :]
   if not geo.overlap:
     return cur, None
-  prev = slot_rows(sc_q, j, r, 0, geo, G) + ape_ref[ape_tile(j, 0, geo), pl.ds(r, 1), :]
+  prev = slot_rows(sc_rows, j, r, 0, geo, G) + ape_ref[ape_tile(j, 0, geo), pl.ds(r, 1), :]
   return cur, jnp.where(has_prev_G1, prev, -jnp.inf)
 
 
-def softmax_pool(kv_q, sc_q, ape_ref, has_prev_G1, j, geo, G):
+def softmax_pool(kv_rows, sc_rows, ape_ref, has_prev_G1, j, geo, G):
   """(max, sum, pooled) [G, 128] float32 of lane tile j: the gate softmax over the span and the weighted rows."""
   def max_body(r, mx):
-    cur, prev = logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G)
+    cur, prev = logits(sc_rows, ape_ref, has_prev_G1, j, r, geo, G)
     mx = jnp.maximum(mx, cur)
     return mx if prev is None else jnp.maximum(mx, prev)
 
@@ -137,12 +147,12 @@ def softmax_pool(kv_q, sc_q, ape_ref, has_prev_G1, j, geo, G):
 
   def sum_body(r, carry):
     s, acc = carry
-    cur, prev = logits(sc_q, ape_ref, has_prev_G1, j, r, geo, G)
+    cur, prev = logits(sc_rows, ape_ref, has_prev_G1, j, r, geo, G)
     e = jnp.exp(cur - mx)
-    s, acc = s + e, acc + e * slot_rows(kv_q, j, r, 1, geo, G)
+    s, acc = s + e, acc + e * slot_rows(kv_rows, j, r, 1, geo, G)
     if prev is not None:
       e = jnp.exp(prev - mx)  # 0 where there is no previous block
-      s, acc = s + e, acc + jnp.where(has_prev_G1, e * slot_rows(kv_q, j, r, 0, geo, G), 0.0)
+      s, acc = s + e, acc + jnp.where(has_prev_G1, e * slot_rows(kv_rows, j, r, 0, geo, G), 0.0)
     return s, acc
 
   zeros = jnp.zeros((G, 128), _F32)
@@ -185,8 +195,8 @@ def _fp8_codes(x_GL, lane_L, nope: int):
 
 
 def run_window(G: int, geo: Geometry) -> int:
-  """Rows of the one window that covers G consecutive slots (any start offset inside a tile)."""
-  return _round_up((G - 1) * geo.m + geo.T, geo.T) + geo.W1
+  """Rows of the one window that covers the spans of G consecutive slots (any start offset inside a tile)."""
+  return _round_up(G * geo.m + geo.m_off + geo.T - 1, geo.T)
 
 
 def slot_window(e, Sp, geo: Geometry):
@@ -200,13 +210,13 @@ def slot_window(e, Sp, geo: Geometry):
 def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, sc_hbm, *rest, geo, t0,
             fp8_nope, n_groups):
   n_out = 3 if fp8_nope else 1
-  outs, (kv_raw, sc_raw, kv_q, sc_q, sems) = rest[:n_out], rest[n_out:]
+  outs, (kv_run, sc_run, kv_raw, sc_raw, kv_q, sc_q, sems) = rest[:n_out], rest[n_out:]
   b, i = pl.program_id(0), pl.program_id(1)
   G = flags_ref.shape[1]
   Sp = kv_hbm.shape[1]
   m, T, W1 = geo.m, geo.T, geo.W1
   W = run_window(G, geo)
-  srcs, raws = (kv_hbm, sc_hbm), (kv_raw, sc_raw)
+  srcs, runs, raws, qs = (kv_hbm, sc_hbm), (kv_run, sc_run), (kv_raw, sc_raw), (kv_q, sc_q)
 
   def plan(end_ref):
     """(whole: one window for all G slots, its first row, the offset of slot 0's span in it)."""
@@ -219,20 +229,21 @@ def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, s
 
   def start(end_ref, p):
     whole, base, _ = plan(end_ref)
-    for k in range(2):
-      src = srcs[k].at[b]
+    for a in range(2):
+      src = srcs[a].at[b]
 
       @pl.when(whole)
-      def _():
-        pltpu.make_async_copy(src.at[pl.ds(pl.multiple_of(base, T), W)], raws[k].at[p, pl.ds(0, W)],
-                              sems.at[p, k]).start()
+      def _():  # one DMA per lane tile: the run buffer is [tiles, W, 128] (strided loads need whole lanes)
+        rows = pl.ds(pl.multiple_of(base, T), W)
+        for k in range(geo.K):
+          pltpu.make_async_copy(src.at[rows, pl.ds(k * 128, 128)], runs[a].at[p, k], sems.at[p, a]).start()
 
       @pl.when(jnp.logical_not(whole))
       def _():
         def one(g, carry):
           row, _ = slot_window(end_ref[0, 0, 0, g], Sp, geo)
           pltpu.make_async_copy(src.at[pl.ds(pl.multiple_of(row, T), W1)],
-                                raws[k].at[p, pl.ds(pl.multiple_of(g * W1, T), W1)], sems.at[p, k]).start()
+                                raws[a].at[p, pl.ds(pl.multiple_of(g * W1, T), W1)], sems.at[p, a]).start()
           return carry
         lax.fori_loop(0, G, one, 0)
 
@@ -247,40 +258,54 @@ def _kernel(end_s, end_n, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, kv_hbm, s
     start(end_n, 1 - p)
 
   whole, _, d = plan(end_s)
-  for k in range(2):
-    for rows, cond in ((W, whole), (G * W1, jnp.logical_not(whole))):
-      @pl.when(cond)
-      def _():
-        window = raws[k].at[p, pl.ds(0, rows)]
-        pltpu.make_async_copy(window, window, sems.at[p, k]).wait()  # the bytes of all this step's DMAs
-
-  def realign(g, carry):
-    pos = d + g * m
-    row0 = jnp.where(whole, lax.bitwise_and(pos, jnp.int32(-T)), g * W1)
-    _, off = slot_window(end_s[0, 0, 0, g], Sp, geo)
-    shift = jnp.where(whole, pos - row0, off)
-    roll_rows(kv_raw.at[p], row0, shift, kv_q, g, geo)
-    roll_rows(sc_raw.at[p], row0, shift, sc_q, g, geo)
-    return carry
-
-  lax.fori_loop(0, G, realign, 0)
-
   L = w_ref.shape[1]
   out_dtype = jnp.dtype(geo.out_dtype)
   valid_G1 = flags_ref[0, :, 0:1] > 0
   has_prev_G1 = flags_ref[0, :, 1:2] > 0
-  pooled = [softmax_pool(kv_q, sc_q, ape_ref, has_prev_G1, j, geo, G)[2] for j in range(geo.nt)]
-  y = jnp.concatenate(pooled, axis=1) if geo.nt > 1 else pooled[0]
-  y = y.astype(out_dtype).astype(_F32)
-  y = (y * rms_stats(y, geo) * w_ref[...]).astype(out_dtype).astype(_F32)
-  rotated = rope_apply(y[:, t0:], cos_ref[0], sin_ref[0]).astype(out_dtype).astype(_F32)
-  entry = jnp.concatenate([y[:, :t0], rotated], axis=1) if t0 else rotated
-  entry = jnp.where(valid_G1, entry, 0.0)
-  outs[0][0] = entry.astype(outs[0].dtype)
-  if fp8_nope:
-    codes, scale_bytes = _fp8_codes(entry, lax.broadcasted_iota(jnp.int32, (1, L), 1), fp8_nope)
-    outs[1][0] = codes
-    outs[2][0] = scale_bytes
+
+  def finish(kv_rows, sc_rows):
+    pooled = [softmax_pool(kv_rows, sc_rows, ape_ref, has_prev_G1, j, geo, G)[2] for j in range(geo.nt)]
+    y = jnp.concatenate(pooled, axis=1) if geo.nt > 1 else pooled[0]
+    y = y.astype(out_dtype).astype(_F32)
+    y = (y * rms_stats(y, geo) * w_ref[...]).astype(out_dtype).astype(_F32)
+    rotated = rope_apply(y[:, t0:], cos_ref[0], sin_ref[0]).astype(out_dtype).astype(_F32)
+    entry = jnp.concatenate([y[:, :t0], rotated], axis=1) if t0 else rotated
+    entry = jnp.where(valid_G1, entry, 0.0)
+    outs[0][0] = entry.astype(outs[0].dtype)
+    if fp8_nope:
+      codes, scale_bytes = _fp8_codes(entry, lax.broadcasted_iota(jnp.int32, (1, L), 1), fp8_nope)
+      outs[1][0] = codes
+      outs[2][0] = scale_bytes
+
+  @pl.when(whole)
+  def _():
+    rows = []
+    for a in range(2):
+      buf = runs[a].at[p]
+      pltpu.make_async_copy(buf, buf, sems.at[p, a]).wait()  # the bytes of all this step's DMAs
+      if jnp.dtype(buf.dtype).itemsize == 4:  # 32-bit rows: strided loads straight from the window
+        rows.append((buf, d, d + geo.m_off, m))
+      else:  # packed rows take static strided loads only: roll the window by d into float32 first
+        amount = lax.rem(W - d, W)
+        for k in range(geo.K):
+          qs[a][k, pl.ds(0, W), :] = pltpu.roll(buf[k].astype(_F32), amount, 0)
+        rows.append((qs[a], 0, geo.m_off, m))
+    finish(*rows)
+
+  @pl.when(jnp.logical_not(whole))
+  def _():
+    for a in range(2):
+      window = raws[a].at[p, pl.ds(0, G * W1)]
+      pltpu.make_async_copy(window, window, sems.at[p, a]).wait()
+
+    def realign(g, carry):
+      _, off = slot_window(end_s[0, 0, 0, g], Sp, geo)
+      for a in range(2):
+        roll_rows(raws[a].at[p], g * W1, off, qs[a], g, geo)
+      return carry
+
+    lax.fori_loop(0, G, realign, 0)
+    finish(compact_rows(kv_q, geo), compact_rows(sc_q, geo))
 
 
 def _call(end, flags, ape, w, cos, sin, kv, sc, *, geo, t0, fp8_nope, G, interpret):
@@ -297,7 +322,8 @@ def _call(end, flags, ape, w, cos, sin, kv, sc, *, geo, t0, fp8_nope, G, interpr
   if fp8_nope:
     out_specs += [row_spec(L), row_spec(128)]
     out_shape += [jax.ShapeDtypeStruct((B, Np, L), jnp.int32), jax.ShapeDtypeStruct((B, Np, 128), jnp.int32)]
-  raw_rows = max(run_window(G, geo), G * geo.W1)
+  W = run_window(G, geo)
+  q_rows = lambda x: max(G * geo.S1, W if jnp.dtype(x.dtype).itemsize != 4 else 0)
   kernel = functools.partial(_kernel, geo=geo, t0=t0, fp8_nope=fp8_nope, n_groups=n)
   return pl.pallas_call(
       kernel,
@@ -307,9 +333,9 @@ def _call(end, flags, ape, w, cos, sin, kv, sc, *, geo, t0, fp8_nope, G, interpr
                 row_spec(L - t0), row_spec(L - t0), any_spec, any_spec],
       out_specs=out_specs,
       out_shape=out_shape,
-      scratch_shapes=[pltpu.VMEM((2, raw_rows, kv.shape[2]), kv.dtype), pltpu.VMEM((2, raw_rows, sc.shape[2]), sc.dtype),
-                      pltpu.VMEM((geo.K, G * geo.S1, 128), _F32), pltpu.VMEM((geo.K, G * geo.S1, 128), _F32),
-                      pltpu.SemaphoreType.DMA((2, 2))],
+      scratch_shapes=[pltpu.VMEM((2, geo.K, W, 128), x.dtype) for x in (kv, sc)]
+      + [pltpu.VMEM((2, G * geo.W1, x.shape[2]), x.dtype) for x in (kv, sc)]
+      + [pltpu.VMEM((geo.K, q_rows(x), 128), _F32) for x in (kv, sc)] + [pltpu.SemaphoreType.DMA((2, 2))],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"),
                                            vmem_limit_bytes=VMEM_LIMIT),
       interpret=interpret, name="compress_fwd")(end.reshape(B, n, 1, G), end.reshape(B, n, 1, G), flags, ape, w,

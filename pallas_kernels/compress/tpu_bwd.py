@@ -88,7 +88,8 @@ def _kernel(end_ref, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, g_ref, kv_lo, 
   valid_G1 = flags_ref[0, 0, :, 0:1] > 0
   has_prev_G1 = flags_ref[0, 0, :, 1:2] > 0
   owner_G1 = flags_ref[0, 0, :, 2:3] > 0
-  stats = [fwd.softmax_pool(kv_q, sc_q, ape_ref, has_prev_G1, jt, geo, GB) for jt in range(geo.nt)]
+  kv_rows, sc_rows = fwd.compact_rows(kv_q, geo), fwd.compact_rows(sc_q, geo)
+  stats = [fwd.softmax_pool(kv_rows, sc_rows, ape_ref, has_prev_G1, jt, geo, GB) for jt in range(geo.nt)]
   cat = lambda xs: jnp.concatenate(xs, axis=1) if len(xs) > 1 else xs[0]
   x = rnd(cat([s[2] for s in stats]))  # the norm's input
   inv = fwd.rms_stats(x, geo)
@@ -114,13 +115,13 @@ def _kernel(end_ref, flags_ref, ape_ref, w_ref, cos_ref, sin_ref, g_ref, kv_lo, 
     dP_t = dP[:, jt * 128:(jt + 1) * 128]
 
     def body(r, carry, jt=jt, mx=mx, rs=rs, P=P, dP_t=dP_t):
-      cur, prev = fwd.logits(sc_q, ape_ref, has_prev_G1, jt, r, geo, GB)
+      cur, prev = fwd.logits(sc_rows, ape_ref, has_prev_G1, jt, r, geo, GB)
       for part, z in ((1, cur), (0, prev)):
         if z is None:
           continue
         p = jnp.exp(z - mx) * rs  # 0 where there is no previous block
         dx = p * dP_t
-        dz = p * (fwd.slot_rows(kv_q, jt, r, part, geo, GB) - P) * dP_t
+        dz = p * (fwd.slot_rows(kv_rows, jt, r, part, geo, GB) - P) * dP_t
         _set_rows(kv_q, jt, r, part, dx, geo, GB)
         _set_rows(sc_q, jt, r, part, dz, geo, GB)
         dape_ref[0, fwd.ape_tile(jt, part, geo), pl.ds(r, 1), :] += jnp.sum(jnp.where(owner_G1, dz, 0.0), axis=0, keepdims=True)
