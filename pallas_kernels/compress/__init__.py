@@ -31,8 +31,9 @@ def compress(kv, score, ape, norm_weight, end, has_prev, positions, *, ratio: in
   norm_weight. output="fp8": uint8 [B, N, fp8_row_bytes(c, rope)], the spec §8.1 cache layout of the entries
   (serving; no gradient). "auto" is the TPU kernel on a TPU backend, the Mosaic GPU kernel on an NVIDIA backend
   (where it takes the shape: c even, rope dims / 2 a power of two <= 128), else the reference; "tpu" elsewhere
-  runs the kernel in TPU interpret mode (slow: for tests); "gpu" needs an NVIDIA (Hopper) GPU. Every kernel's
-  backward is the reference's VJP.
+  runs the kernel in TPU interpret mode (slow: for tests); "gpu" needs an NVIDIA (Hopper) GPU. The TPU
+  kernel's backward is a Mosaic kernel too (it needs slots whose blocks are disjoint, as block_slots builds them);
+  the others' is the reference's VJP.
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
