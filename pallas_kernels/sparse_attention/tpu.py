@@ -102,6 +102,13 @@ def _start_gather(kv_TRL, idx_smem, r, buf_KRL, sem):
   return live
 
 
+def _start_block_gathers(kv_hbm, idx_smem, buf, sem):
+  """(kv_TRL, live): this grid step's batch row of kv (HBM), and `_start_gather` for each of the block's query
+  rows (into buf[r], signalling sem[r])."""
+  kv_TRL = kv_hbm.at[pl.program_id(0)]
+  return kv_TRL, [_start_gather(kv_TRL, idx_smem, r, buf.at[r], sem.at[r]) for r in range(buf.shape[0])]
+
+
 def _wait_gather(kv_TRL, buf_KRL, sem):
   """Waits for the bytes of a whole buffer (KC row copies or one run copy); returns the keys [KC, D]."""
   kc, R, L = buf_KRL.shape
@@ -149,10 +156,8 @@ def _fwd_kernel(idx_smem, idx_ref, q_ref, sink_ref, kv_hbm, out_ref, lse_ref, bu
                 *, scale, n_k):
   # (n_k, the grid's chunk count, comes in as a constant rather than pl.num_programs: TPU interpret mode can
   # reuse a kernel traced for one grid in a later call with another.)
-  b, k = pl.program_id(0), pl.program_id(2)
-  bq, H = q_ref.shape[1], q_ref.shape[2]
-  kv_TRL = kv_hbm.at[b]
-  live = [_start_gather(kv_TRL, idx_smem, r, buf.at[r], sem.at[r]) for r in range(bq)]
+  k, bq, H = pl.program_id(2), q_ref.shape[1], q_ref.shape[2]
+  kv_TRL, live = _start_block_gathers(kv_hbm, idx_smem, buf, sem)
 
   @pl.when(k == 0)
   def _():
@@ -235,10 +240,8 @@ def sparse_attention_tpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float):
 def _bwd_kernel(off_ref, idx_smem, idx_ref, q_ref, do_ref, lse_ref, dlt_ref, kv_hbm, dq_in, dq_ref, g_ref, buf,
                 sem, dq_scr, *, scale, n_k):
   del off_ref, dq_in  # the block offset is used by the index maps; dq_in is dq_ref's buffer (aliased)
-  b, k = pl.program_id(0), pl.program_id(2)
-  bq, H = q_ref.shape[1], q_ref.shape[2]
-  kv_TRL = kv_hbm.at[b]
-  live = [_start_gather(kv_TRL, idx_smem, r, buf.at[r], sem.at[r]) for r in range(bq)]
+  k, bq, H = pl.program_id(2), q_ref.shape[1], q_ref.shape[2]
+  kv_TRL, live = _start_block_gathers(kv_hbm, idx_smem, buf, sem)
 
   @pl.when(k == 0)
   def _():
