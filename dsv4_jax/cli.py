@@ -268,20 +268,24 @@ def _add_generate(sub) -> None:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter and compute dtype")
   p.add_argument("--speculative", action="store_true",
                  help="MTP speculative decoding (same text; prints the draft acceptance rate to stderr)")
+  p.add_argument("--layers", choices=("per-layer", "stacked"), default="per-layer",
+                 help="per-layer: each layer its own parameters (faster decode steps: an H200 step at 128K x 64 "
+                      "took 16.0 ms vs 20.2 ms stacked); stacked: layers of a kind scanned over stacked "
+                      "parameters (compiles faster, ~4x for a 43-layer model on CPU: better for short runs)")
   p.set_defaults(func=_run_generate)
 
 
-def _load_for_serving(cmd: str, checkpoint: str, dtype: str):
-  """(model, tokenizer) of a checkpoint directory; problems exit with a one-line message. The model is loaded
-  unstacked (scan_layers=False, each layer its own parameters): decode steps then do not copy layer weights out
-  of scanned stacks (dsv4_jax.model.unstack)."""
+def _load_for_serving(cmd: str, checkpoint: str, dtype: str, layers: str = "per-layer"):
+  """(model, tokenizer) of a checkpoint directory; problems exit with a one-line message. layers="per-layer"
+  loads it unstacked (scan_layers=False, each layer its own parameters): decode steps then do not copy layer
+  weights out of scanned stacks (dsv4_jax.model.unstack); "stacked" keeps the scanned stacks (faster compile)."""
   from dsv4_jax.tokenizer import Tokenizer
   from dsv4_jax.weights import load_pretrained
   if not os.path.isdir(checkpoint):
     raise SystemExit(f"dsv4 {cmd}: error: --checkpoint {checkpoint} is not a directory")
   try:
     tok = Tokenizer.load(checkpoint)
-    model, _ = load_pretrained(checkpoint, dtype=dtype, progress=False, scan_layers=False)
+    model, _ = load_pretrained(checkpoint, dtype=dtype, progress=False, scan_layers=layers == "stacked")
   except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"dsv4 {cmd}: error: {e}") from None
   return model, tok
@@ -292,7 +296,7 @@ def _run_generate(args) -> int:
   from dsv4_jax.serve.engine import Engine
   from dsv4_jax.serve.params import InvalidRequest, SamplingParams
   from dsv4_jax.serve.conversation import encode_chat
-  model, tok = _load_for_serving("generate", args.checkpoint, args.dtype)
+  model, tok = _load_for_serving("generate", args.checkpoint, args.dtype, args.layers)
   try:
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
@@ -348,6 +352,10 @@ def _add_serve(sub) -> None:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="parameter and compute dtype")
   p.add_argument("--speculative", action="store_true",
                  help="MTP speculative decoding (same outputs; the acceptance rate is printed at shutdown)")
+  p.add_argument("--layers", choices=("per-layer", "stacked"), default="per-layer",
+                 help="per-layer: each layer its own parameters (faster decode steps: an H200 step at 128K x 64 "
+                      "took 16.0 ms vs 20.2 ms stacked); stacked: layers of a kind scanned over stacked "
+                      "parameters (compiles faster, ~4x for a 43-layer model on CPU: better for short runs)")
   p.set_defaults(func=_run_serve)
 
 
@@ -357,7 +365,7 @@ def _run_serve(args) -> int:
   from dsv4_jax.serve.engine import Engine
   from dsv4_jax.serve.server import Server
   import logging
-  model, tok = _load_for_serving("serve", args.checkpoint, args.dtype)
+  model, tok = _load_for_serving("serve", args.checkpoint, args.dtype, args.layers)
   request_log = logging.getLogger("dsv4_jax.serve.server")  # one line per request (log_requests below)
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -122,6 +122,8 @@ def test_stacked_checkpoint_loads_unstacked(models, tmp_path, monkeypatch):
   monkeypatch.setattr(tokenizer.Tokenizer, "load", staticmethod(lambda path: "tokenizer"))
   served, tok = cli._load_for_serving("serve", str(tmp_path), "float32")  # what dsv4 generate / serve load
   assert tok == "tokenizer"
+  stacked, _ = cli._load_for_serving("generate", str(tmp_path), "float32", "stacked")  # --layers stacked
+  assert stacked.cfg.scan_layers and stacked.plan == model.plan
   for m in (loaded, served):
     assert not m.cfg.scan_layers and m.plan == flat.plan
     got = flat_values(m)
