@@ -130,12 +130,13 @@ def test_gradients_match_reference_vjp(seed, shape, dtype, cuts, drop):
   run_and_compare(seed, *shape, cuts=cuts, dtype=dtype, drop=drop)
 
 
-def test_forward_windows_of_consecutive_blocks():
-  """One document: most steps fetch a single window for their 8 consecutive blocks (32-bit rows: strided loads
-  straight from it; bf16: rolled into float32 first); the first step (no rows before block 0) per-slot windows."""
+def test_windows_of_consecutive_blocks():
+  """One document: most forward steps fetch a single window for their 8 consecutive blocks (32-bit rows: strided
+  loads straight from it; bf16: rolled into float32 first), the first step (no rows before block 0) per-slot
+  windows; most backward steps see consecutive slots too (strided rows of the frame, cotangents stored in place)."""
   for dtype in ("float32", "bfloat16"):
-    run_and_compare(6, 1, 136, 40, 8, 4, True, cuts=[], dtype=dtype, grads=False)
-  run_and_compare(7, 1, 256, 64, 16, 16, False, cuts=[], dtype="float32", grads=False)
+    run_and_compare(6, 1, 136, 40, 8, 4, True, cuts=[], dtype=dtype)
+  run_and_compare(7, 1, 256, 64, 16, 16, False, cuts=[], dtype="float32")
 
 
 def test_gradients_packed_float32():

@@ -87,15 +87,15 @@ class Geometry:
     return (2 if self.overlap else 1) * self.nt
 
 
-def roll_rows(src_ref, row0, shift, q_ref, g, geo: Geometry):
+def roll_rows(src_ref, row0, shift, q_ref, g, geo: Geometry, tiled=False):
   """q[k, g·S1 + j] = src[row0 + (shift + j) mod W1, lane tile k] (float32), j < S1, k < K: the slot whose span
-  starts `shift` rows into the T-aligned window at row0 of src [rows, K·128]."""
+  starts `shift` rows into the T-aligned window at row0 of src [rows, K·128] (tiled: [K, rows, 128])."""
   row0 = pl.multiple_of(row0, geo.T)
   amount = lax.rem(geo.W1 - shift, geo.W1)
   dst = pl.multiple_of(g * geo.S1, 8)
   for k in range(geo.K):
-    v = pltpu.roll(src_ref[pl.ds(row0, geo.W1), pl.ds(k * 128, 128)].astype(_F32), amount, 0)
-    q_ref[k, pl.ds(dst, geo.S1), :] = v[:geo.S1]
+    v = src_ref[k, pl.ds(row0, geo.W1), :] if tiled else src_ref[pl.ds(row0, geo.W1), pl.ds(k * 128, 128)]
+    q_ref[k, pl.ds(dst, geo.S1), :] = pltpu.roll(v.astype(_F32), amount, 0)[:geo.S1]
 
 
 def loop(n, body, init):
