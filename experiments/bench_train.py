@@ -39,19 +39,20 @@ DATASHEET_BF16 = 989e12
 
 SMOKE = False  # --smoke: the tiny preset, to check the script on a CPU
 FP32 = False  # --fp32-matmuls
+MOE_IMPL = "capacity"  # --moe-impl
 
 
 def bench_config(seq: int) -> ModelConfig:
   """Flash-shaped (head_dim 512, 64-dim RoPE, CSA m=4 + HCA m=128, window 128, mHC ×4, MTP, hash layers),
   narrowed to ~2B parameters: d=2048, 6 layers + MTP, 16 heads, 32 experts top-6 (inter 1024) + 1 shared."""
   if SMOKE:
-    return ModelConfig.preset("tiny", moe_impl="capacity", dtype="bfloat16", fp32_matmuls=FP32)
+    return ModelConfig.preset("tiny", moe_impl=MOE_IMPL, dtype="bfloat16", fp32_matmuls=FP32)
   return ModelConfig.preset(
       "flash", hidden_size=2048, num_hidden_layers=6, compress_ratios=(0, 4, 128, 4, 128, 4, 0),
       num_hash_layers=1, num_attention_heads=16, q_lora_rank=512, o_groups=4, o_lora_rank=512,
       index_n_heads=32, index_topk=512, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=1024,
       max_position_embeddings=max(seq, 65536), expert_dtype=None, weight_quant=None, simulate_quant=False,
-      dtype="bfloat16", param_dtype="float32", moe_impl="capacity", fp32_matmuls=FP32)
+      dtype="bfloat16", param_dtype="float32", moe_impl=MOE_IMPL, fp32_matmuls=FP32)
 
 
 def timed(fn, *args, steps: int, warmup: int = 2):
@@ -184,9 +185,11 @@ def main():
   p.add_argument("--smoke", action="store_true", help="tiny model, for a CPU check of the script")
   p.add_argument("--fp32-matmuls", action="store_true", help="official float32 head/compressor matmuls")
   p.add_argument("--breakdown", action="store_true", help="also time the components at the first --seq")
+  p.add_argument("--moe-impl", default="capacity", choices=["capacity", "ragged", "alltoall"],
+                 help="routed-expert path (alltoall needs a jax.set_mesh mesh with an expert axis, else = capacity)")
   args = p.parse_args()
-  global SMOKE, FP32
-  SMOKE, FP32 = args.smoke, args.fp32_matmuls
+  global SMOKE, FP32, MOE_IMPL
+  SMOKE, FP32, MOE_IMPL = args.smoke, args.fp32_matmuls, args.moe_impl
   dev = jax.devices()[0]
   print(f"device: {dev.device_kind}, jax {jax.__version__}, python {platform.python_version()}", flush=True)
   ceiling = timing.matmul_rate(8192)
