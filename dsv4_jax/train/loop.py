@@ -112,6 +112,14 @@ class MetricsWriter:
       self._tb.close()
 
 
+def traced_under(mesh, fn):
+  """fn traced with `mesh` as the context (abstract) mesh: moe_impl "alltoall" finds its "expert" axis there."""
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
 class Trainer:
   """Everything a run holds; `run()` trains to cfg.steps (resuming from WORKDIR when a checkpoint exists)."""
 
@@ -208,7 +216,7 @@ class Trainer:
       scfg = step_lib.StepConfig(grad_accum=c.grad_accum, stage=stage, balance_weight=c.loss.balance_weight,
                                  indexer_weight=c.loss.indexer_weight, bias_update_speed=c.loss.bias_update_speed,
                                  with_mtp=c.loss.with_mtp, remat=c.remat)
-      fn = step_lib.make_train_step(self.graphdef, self.tx, scfg)
+      fn = traced_under(self.mesh, step_lib.make_train_step(self.graphdef, self.tx, scfg))
       in_sh = [self.state_sharding, self.batch_sharding, self.replicated]
       if with_routing:
         in_sh.append(NamedSharding(self.mesh, P(None, sharding.BATCH_AXES)))
@@ -219,13 +227,13 @@ class Trainer:
 
   def _route_fn(self):
     if "route" not in self._compiled:
-      fn = step_lib.make_route_fn(self.graphdef, self.cfg.loss.with_mtp)
+      fn = traced_under(self.mesh, step_lib.make_route_fn(self.graphdef, self.cfg.loss.with_mtp))
       self._compiled["route"] = jax.jit(fn, out_shardings=NamedSharding(self.mesh, P(None, sharding.BATCH_AXES)))
     return self._compiled["route"]
 
   def _eval_fn(self):
     if "eval" not in self._compiled:
-      self._compiled["eval"] = jax.jit(step_lib.make_eval_step(self.graphdef))
+      self._compiled["eval"] = jax.jit(traced_under(self.mesh, step_lib.make_eval_step(self.graphdef)))
     return self._compiled["eval"]
 
   def device_batch(self, batch: dict[str, np.ndarray]):
