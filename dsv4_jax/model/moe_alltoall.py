@@ -10,7 +10,8 @@ group of tokens:
    major), C = moe_capacity(cfg, tokens per group), assignments past C dropped in token order;
 2. `all_to_all`s them over "expert": device j receives [ep (source), E/ep, C, D] for its own experts;
 3. runs its E/ep experts (clamped SwiGLU, as RoutedExperts) as batched einsums;
-4. `all_to_all`s the outputs back and combines them with the routing weights.
+4. `all_to_all`s the outputs back and combines them with the routing weights (applied after the down projection,
+   in float32, so the weights are not sent; the capacity path applies them before it: the same function).
 
 Token groups: the flattened tokens are split into G contiguous groups of T/G, G = ep × (the data × fsdp size when
 it divides T, else 1); the batch sharding (data, fsdp, expert) makes each group one device's tokens. The drop rule
@@ -18,8 +19,8 @@ is the capacity path's applied to each group separately (capacity from the group
 group's tokens (a large moe_capacity_factor) nothing is dropped and the result is the exact MoE. Tokens are padded
 to a multiple of G with inert rows (routed nowhere) when needed.
 
-The mesh comes from the context (`jax.set_mesh(mesh)` around the jitted call; the Trainer traces its steps under
-it). Without a mesh context, or with no "expert" axis of size > 1, this is the capacity path (the same function on
+The mesh comes from the context: `jax.set_mesh(mesh)` around the jitted call, or `use_abstract_mesh` inside it
+(dsv4_jax.train.loop.traced_under, which the Trainer's step, route and eval functions use). Without a mesh context, or with no "expert" axis of size > 1, this is the capacity path (the same function on
 one device); a missing mesh also logs a one-time warning, so a benchmark cannot silently measure the wrong thing.
 """
 
@@ -87,6 +88,9 @@ def dropped_assignments(experts_TK, n_experts: int, capacity: int, groups: int =
   of `capacity` rows per expert each (groups=1, capacity=moe_capacity(cfg, T): the capacity path; the alltoall
   path: groups=num_groups(mesh, T), capacity=moe_capacity(cfg, T // groups))."""
   T, K = experts_TK.shape
+  if T % groups:
+    raise ValueError(f"experts_TK has {T} tokens, not a multiple of groups = {groups} (pad with expert id "
+                     f"{n_experts}, which is never counted)")
   onehot_GRE = jax.nn.one_hot(experts_TK.reshape(groups, (T // groups) * K), n_experts, dtype=jnp.int32)
   load_GE = jnp.sum(onehot_GRE, axis=1)
   return jnp.sum(jnp.maximum(load_GE - capacity, 0))
