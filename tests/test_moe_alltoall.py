@@ -6,7 +6,7 @@ starts; this file is also that subprocess's script), plus an ahead-of-time compi
   equal the capacity path on one device when nothing is dropped;
 * with overflow it drops exactly the capacity rule applied to each device's token group, and counts the drops;
 * a tiny model's train step on 8 devices equals the 1-device capacity step;
-* without a mesh context it is the capacity path (one warning).
+* without a mesh context it is the capacity path (one warning); the Trainer traces its steps under its mesh.
 """
 
 from __future__ import annotations
@@ -277,6 +277,16 @@ def test_aot_compile_for_v5p_has_all_to_all():
     compiled = jax.jit(grads).lower(on_mesh(params), on_mesh(rest), x, tokens).compile()
   hlo = compiled.as_text()
   assert hlo.count("all-to-all(") >= 4, "expected the dispatch and return all-to-alls, forward and backward"
+
+
+def test_trainer_traces_under_its_mesh():
+  """The Trainer's jitted functions (loop.traced_under) see its mesh, so the alltoall path is taken there."""
+  from jax.sharding import AbstractMesh
+  from dsv4_jax.train import loop
+  seen = []
+  mesh = AbstractMesh((1, 2, 4, 1), sharding.MESH_AXES)
+  jax.make_jaxpr(loop.traced_under(mesh, lambda x: seen.append(moe_alltoall.expert_mesh()) or x))(1.0)
+  assert dict(seen[0].shape) == dict(data=1, fsdp=2, expert=4, tensor=1)
 
 
 def test_config_accepts_alltoall():
