@@ -95,7 +95,7 @@ class RoutedExperts(nnx.Module):
   def alltoall_matmuls(self, x_TD, weights_TK, experts_TK):
     """Expert parallel: capacity buffers all-to-all'd over the context mesh's "expert" axis
     (dsv4_jax/model/moe_alltoall.py); the capacity path without a mesh context or an "expert" axis > 1."""
-    from dsv4_jax.model import moe_alltoall  # noqa: PLC0415 (it imports this module)
+    from dsv4_jax.model import moe_alltoall  # here: it imports this module
     mesh = moe_alltoall.expert_mesh()
     if mesh is None:
       return self.capacity_matmuls(x_TD, weights_TK, experts_TK)
