@@ -173,30 +173,20 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
             plgpu.copy_gmem_to_smem(kv_ref.at[pl.ds(row, 1), pl.ds(c * CHUNK, CHUNK)],
                                     k_rows.at[slot, c, pl.ds(j, 1)], loaded.at[slot])
 
-      def gather_loop(first, stride):
-        @pl.loop(0, nblk)
-        def _step(blk):
-          slot = lax.rem(blk, SLOTS)
+      copy_block = _cp_async_gather(mem_wgs, dp, block_k) if gather == "cp_async" else None
+      first_row = wg - 2 if gather == "tma" else None  # memory warpgroup w issues rows j = w (mod mem_wgs)
 
-          @pl.when(blk >= SLOTS)
-          def _():
-            plgpu.barrier_wait(consumed.at[slot])
+      @pl.loop(0, nblk)
+      def _step(blk):
+        slot = lax.rem(blk, SLOTS)
 
-          issue_rows(blk, slot, first, stride)
+        @pl.when(blk >= SLOTS)
+        def _():
+          plgpu.barrier_wait(consumed.at[slot])
 
-      if gather == "tma":
-        gather_loop(wg - 2, mem_wgs)  # memory warpgroup w issues rows j = w (mod mem_wgs)
-      else:
-        copy_block = _cp_async_gather(mem_wgs, dp, block_k)
-
-        @pl.loop(0, nblk)
-        def _step(blk):
-          slot = lax.rem(blk, SLOTS)
-
-          @pl.when(blk >= SLOTS)
-          def _():
-            plgpu.barrier_wait(consumed.at[slot])
-
+        if gather == "tma":
+          issue_rows(blk, slot, first_row, mem_wgs)
+        else:
           copy_block(kv_ref, idx_smem.at[blk], k_rows.at[slot])  # returns once this thread's copies landed
           plgpu.barrier_arrive(loaded.at[slot])
 
