@@ -52,6 +52,24 @@ def padded_prompt(lengths, slot, prompt_ids, max_len: int, bucket: int):
   return tokens, n
 
 
+def padded_extension(lengths, slots, token_lists, max_len: int, bucket: int):
+  """(tokens [len(slots), width] int32, counts) for appending token_lists[i] to slot slots[i] of a backend whose
+  per-slot lengths are `lengths`; width is a power of two up to `bucket`, then a multiple of it (few compiles).
+  Clear errors for an empty slot or a row that would not fit."""
+  n = [len(t) for t in token_lists]
+  for slot, k in zip(slots, n, strict=True):
+    if lengths[slot] is None:
+      raise RuntimeError(f"slot {slot} holds no sequence")
+    if k < 1 or lengths[slot] + k > max_len:
+      raise ValueError(f"slot {slot}: cannot add {k} tokens to {lengths[slot]} (max_len {max_len})")
+  width = 1 << (max(n) - 1).bit_length()
+  width = width if width <= bucket else -(-max(n) // bucket) * bucket
+  tokens = np.zeros((len(slots), width), np.int32)
+  for row, toks in enumerate(token_lists):
+    tokens[row, :len(toks)] = toks
+  return tokens, n
+
+
 class CachedBackend:
   """Slots are the rows of one batched cache. Prompts are right-padded to a multiple of `bucket` (one compile per
   bucket); decode always steps the whole batch with the free rows inactive (one compile).
@@ -146,17 +164,7 @@ class CachedBackend:
 
   def extend(self, slots, token_lists):
     """Appends token_lists[i] to slot slots[i] (one batched cached step); logits after each row's last token."""
-    n = [len(t) for t in token_lists]
-    for slot, k in zip(slots, n, strict=True):
-      if self._lengths[slot] is None:
-        raise RuntimeError(f"slot {slot} holds no sequence")
-      if k < 1 or self._lengths[slot] + k > self.max_len:
-        raise ValueError(f"slot {slot}: cannot add {k} tokens to {self._lengths[slot]} (max_len {self.max_len})")
-    width = 1 << (max(n) - 1).bit_length()  # a power of two, then multiples of the bucket: few compiles
-    width = width if width <= self.bucket else -(-max(n) // self.bucket) * self.bucket
-    tokens = np.zeros((len(slots), width), np.int32)
-    for row, toks in enumerate(token_lists):
-      tokens[row, :len(toks)] = toks
+    tokens, n = padded_extension(self._lengths, slots, token_lists, self.max_len, self.bucket)
     longest = max(self._lengths[slot] + k for slot, k in zip(slots, n))
     logits, self.cache = self._extend(self._state, self.cache, jnp.asarray(tokens), jnp.asarray(n, jnp.int32),
                                       jnp.asarray(list(slots), jnp.int32), self._context_bucket(longest))

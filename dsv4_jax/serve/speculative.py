@@ -37,7 +37,7 @@ from flax import nnx
 
 from dsv4_jax.model.cache import InferenceCache, init_mtp_cache
 from dsv4_jax.model.decode import cached_forward, commit, mtp_forward
-from dsv4_jax.serve.cached_backend import padded_prompt
+from dsv4_jax.serve.cached_backend import padded_extension, padded_prompt
 from dsv4_jax.serve.sampling import sample_rows
 
 DRAFT_TOKENS = 1  # tokens the MTP block proposes per step (depth-1 MTP)
@@ -268,17 +268,7 @@ class SpeculativeBackend:
   def extend(self, slots, token_lists):
     """Appends token_lists[i] to slot slots[i] (one batched cached step, the MTP block's inputs too); logits
     [len(slots), V] after each row's last token. As CachedBackend.extend; no draft."""
-    n = [len(t) for t in token_lists]
-    for slot, k in zip(slots, n, strict=True):
-      if self._lengths[slot] is None:
-        raise RuntimeError(f"slot {slot} holds no sequence")
-      if k < 1 or self._lengths[slot] + k > self.max_len:
-        raise ValueError(f"slot {slot}: cannot add {k} tokens to {self._lengths[slot]} (max_len {self.max_len})")
-    width = 1 << (max(n) - 1).bit_length()  # a power of two, then multiples of the bucket: few compiles
-    width = width if width <= self.bucket else -(-max(n) // self.bucket) * self.bucket
-    tokens = np.zeros((len(slots), width), np.int32)
-    for row, toks in enumerate(token_lists):
-      tokens[row, :len(toks)] = toks
+    tokens, n = padded_extension(self._lengths, slots, token_lists, self.max_len, self.bucket)
     logits, self.cache, self.draft = self._extend(self._state, self.cache, self.draft, jnp.asarray(tokens),
                                                   jnp.asarray(n, jnp.int32), jnp.asarray(list(slots), jnp.int32))
     for slot, k in zip(slots, n):
