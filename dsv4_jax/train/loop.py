@@ -80,6 +80,19 @@ def optimizer_state_shardings(abstract_opt_state, params, default):
   return jax.tree_util.tree_map_with_path(one, abstract_opt_state)
 
 
+def init_sharded_state(mcfg: ModelConfig, tx, mesh, seed: int = 0) -> step_lib.TrainState:
+  """A fresh TrainState born sharded on `mesh`: parameters by their logical axes, optimizer state like the
+  parameters it mirrors, the rest replicated (the Trainer's; also experiments/bench_train.py's)."""
+  model = sharding.create_sharded(DeepSeekV4, mcfg, mesh, seed=seed)
+  _, params, buffers = step_lib.split_model(model)
+  replicated = NamedSharding(mesh, P())
+  opt_sharding = optimizer_state_shardings(jax.eval_shape(tx.init, params), params, replicated)
+  opt_state = jax.jit(tx.init, out_shardings=opt_sharding)(params)
+  put = lambda x: jax.device_put(x, replicated)
+  return step_lib.TrainState(step=put(jnp.zeros((), jnp.int32)), params=params, buffers=buffers,
+                             opt_state=opt_state, rng=put(jax.random.key_data(jax.random.key(seed))))
+
+
 class MetricsWriter:
   """metrics.jsonl (appended; one object per step and per event) and TensorBoard scalars."""
 
@@ -174,15 +187,7 @@ class Trainer:
 
   # ----- state ------------------------------------------------------------------------------------------
   def _init_state(self) -> step_lib.TrainState:
-    model = sharding.create_sharded(DeepSeekV4, self.mcfg, self.mesh, seed=self.cfg.seed)
-    _, params, buffers = step_lib.split_model(model)
-    replicated = NamedSharding(self.mesh, P())
-    opt_sharding = optimizer_state_shardings(jax.eval_shape(self.tx.init, params), params, replicated)
-    opt_state = jax.jit(self.tx.init, out_shardings=opt_sharding)(params)
-    put = lambda x: jax.device_put(x, replicated)
-    return step_lib.TrainState(step=put(jnp.zeros((), jnp.int32)), params=params, buffers=buffers,
-                               opt_state=opt_state,
-                               rng=put(jax.random.key_data(jax.random.key(self.cfg.seed))))
+    return init_sharded_state(self.mcfg, self.tx, self.mesh, self.cfg.seed)
 
   def _restore(self, step: int) -> None:
     abstract = abstract_of(self.state)
