@@ -105,8 +105,14 @@ COLLECTIVES = ("all-to-all", "all-gather", "reduce-scatter", "all-reduce", "coll
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
-  """Collective ops in compiled HLO text, by kind (sync `op(` and async `op-start(` forms)."""
-  return {c: len(re.findall(rf"\b{c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
+  """Collective ops in compiled HLO text, by kind (sync `op(` and async `op-start(` forms), plus "expert
+  all-to-all": those over the expert axis alone (the MoE dispatch; GSPMD's resharding all-to-alls run over other
+  axes). -1 when the HLO names its replica groups by device ids rather than by mesh axes."""
+  counts = {c: len(re.findall(rf"\b{c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
+  a2a = [ln for ln in hlo.splitlines() if re.search(r"\ball-to-all(?:-start)?\(", ln)]
+  named = all("replica_groups=mesh[" in ln for ln in a2a)
+  counts["expert all-to-all"] = sum("{'expert'}" in ln for ln in a2a) if named else -1
+  return counts
 
 
 def plans_for(seq: int) -> tuple[int, int]:
@@ -145,8 +151,10 @@ def run_case(seq: int, batch: int, accum: int, steps: int, remat: str, ceiling: 
     with open(hlo_out, "w") as f:
       f.write(hlo)
   collectives = collective_counts(hlo)
-  if cfg.moe_impl == "alltoall" and mesh.shape["expert"] > 1 and not collectives["all-to-all"]:
-    raise RuntimeError("moe_impl='alltoall' on an expert axis > 1 compiled without all-to-all ops")
+  if cfg.moe_impl == "alltoall" and mesh.shape["expert"] > 1 and not (
+      collectives["expert all-to-all"] if collectives["expert all-to-all"] >= 0 else collectives["all-to-all"]):
+    raise RuntimeError(f"moe_impl='alltoall' on an expert axis > 1 compiled without expert all-to-alls "
+                       f"({collectives})")
   mem = compiled.memory_analysis()
   step_s, all_s = timed(compiled, state, batch_arrays, hp, steps=steps)
   _, metrics = compiled(state, batch_arrays, hp)
@@ -309,7 +317,7 @@ def main():
       "",
       "| seq | batch × accum | tokens/step | params | remat | step (s) | tokens/s | tokens/s per device | "
       "useful TFLOP/s per device | MFU vs measured | MFU vs datasheet | fwd+loss ×accum (s) | optimizer (s) | "
-      "compile (s) | temp GiB per device | all-to-all / all-gather / reduce-scatter / all-reduce ops |",
+      "compile (s) | temp GiB per device | ops: all-to-all (over expert) / all-gather / reduce-scatter / all-reduce |",
       "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for r in rows:
@@ -318,7 +326,7 @@ def main():
         f"| {r['seq']} | {r['batch']} × {r['accum']} | {r['tokens']} | {r['params'] / 1e9:.2f}B | {r['remat']} | "
         f"{r['step_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s_dev']:.0f} | {r['tflops_dev']:.1f} | "
         f"{r['mfu_ceiling']:.1%} | {r['mfu_datasheet']:.1%} | {r['fwd_s']:.3f} | {r['opt_s']:.3f} | "
-        f"{r['compile_s']:.0f} | {r['temp_gib']:.1f} | {c['all-to-all']} / {c['all-gather']} / "
+        f"{r['compile_s']:.0f} | {r['temp_gib']:.1f} | {c['all-to-all']} ({c['expert all-to-all']}) / {c['all-gather']} / "
         f"{c['reduce-scatter']} / {c['all-reduce']} |")
   if parts:
     lines += ["", f"Components at seq {args.seq[0]} (forward + backward, one microbatch on one device; useful "
