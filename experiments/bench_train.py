@@ -94,7 +94,10 @@ def parse_mesh(text: str | None):
   if len(sizes) != len(sharding.MESH_AXES):
     raise SystemExit(f"--mesh {text!r}: expected {len(sharding.MESH_AXES)} comma-separated integers "
                      f"({','.join(sharding.MESH_AXES)}), e.g. 1,-1,1,1")
-  return sharding.make_mesh(*sizes)
+  try:
+    return sharding.make_mesh(*sizes)
+  except ValueError as e:
+    raise SystemExit(f"--mesh {text!r}: {e}") from None
 
 
 def mesh_text(mesh) -> str:
@@ -326,8 +329,8 @@ def main():
         f"| {r['seq']} | {r['batch']} × {r['accum']} | {r['tokens']} | {r['params'] / 1e9:.2f}B | {r['remat']} | "
         f"{r['step_s']:.3f} | {r['tok_s']:.0f} | {r['tok_s_dev']:.0f} | {r['tflops_dev']:.1f} | "
         f"{r['mfu_ceiling']:.1%} | {r['mfu_datasheet']:.1%} | {r['fwd_s']:.3f} | {r['opt_s']:.3f} | "
-        f"{r['compile_s']:.0f} | {r['temp_gib']:.1f} | {c['all-to-all']} ({c['expert all-to-all']}) / {c['all-gather']} / "
-        f"{c['reduce-scatter']} / {c['all-reduce']} |")
+        f"{r['compile_s']:.0f} | {r['temp_gib']:.1f} | {c['all-to-all']} ({c['expert all-to-all']}) / "
+        f"{c['all-gather']} / {c['reduce-scatter']} / {c['all-reduce']} |")
   if parts:
     lines += ["", f"Components at seq {args.seq[0]} (forward + backward, one microbatch on one device; useful "
               "TFLOP/s):", "", "| component | time (ms) | useful TFLOP/s | vs measured ceiling |", "|---|---|---|---|"]
