@@ -57,22 +57,38 @@ def reset_slot(cache: InferenceCache, slot) -> InferenceCache:
   return _release(cache, slot)
 
 
-def _check_distinct(op, src, dst):
-  if isinstance(src, int) and isinstance(dst, int) and src == dst:
-    raise ValueError(f"{op}: src and dst are the same slot ({src})")
+def _slot_to_slot(body):
+  """The public op of `body(cache, src, dst)`: jitted with the cache donated, slot `dst` released before `body`
+  sees the cache; equal Python-int slots are refused."""
+
+  @functools.wraps(body)
+  def released(cache, src, dst):
+    return body(_release(cache, dst), src, dst)
+
+  jitted = jax.jit(released, donate_argnums=(0,))
+
+  @functools.wraps(body)
+  def op(cache: InferenceCache, src, dst) -> InferenceCache:
+    if isinstance(src, int) and isinstance(dst, int) and src == dst:
+      raise ValueError(f"{body.__name__}: src and dst are the same slot ({src})")
+    return jitted(cache, src, dst)
+
+  return op
 
 
+def _continue_in(cache, src, dst, dst_P, pools, num_free, overflow) -> InferenceCache:
+  """Slot `dst` continues slot `src`: its length and state rows, page-table row `dst_P` (into `pools`)."""
+  return cache.replace(
+      pools=pools, states=jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), cache.states),
+      page_table=cache.page_table.at[dst].set(dst_P), lengths=cache.lengths.at[dst].set(cache.lengths[src]),
+      num_free=num_free, overflow=cache.overflow | overflow)
+
+
+@_slot_to_slot
 def fork_slot(cache: InferenceCache, src, dst) -> InferenceCache:
   """Slot `dst` (released first; must differ from `src`) continues slot `src`'s sequence: same length and state
   rows, src's full pages shared, its partly filled last page copied to a fresh page (copy-on-write, see the
   module docstring). Sets `overflow` (dst then has no last page: do not use it) if no page is free."""
-  _check_distinct("fork_slot", src, dst)
-  return _fork_slot(cache, src, dst)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _fork_slot(cache: InferenceCache, src, dst) -> InferenceCache:
-  cache = _release(cache, dst)
   src_P = cache.page_table[src]
   length = cache.lengths[src]
   full = length // cache.page_tokens  # pages [0, full) are finished: shared
@@ -84,23 +100,13 @@ def _fork_slot(cache: InferenceCache, src, dst) -> InferenceCache:
   target = jnp.where(have, new, cache.num_pages)  # no copy: dropped
   last = jnp.maximum(src_P[jnp.minimum(full, cache.max_pages - 1)], 0)
   pools = jax.tree.map(lambda pool: pool.at[:, target].set(pool[:, last], mode="drop"), cache.pools)
-  states = jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), cache.states)
-  return cache.replace(
-      pools=pools, states=states, page_table=cache.page_table.at[dst].set(dst_P),
-      lengths=cache.lengths.at[dst].set(length), num_free=cache.num_free - have.astype(jnp.int32),
-      overflow=cache.overflow | (partial & ~have))
+  return _continue_in(cache, src, dst, dst_P, pools, cache.num_free - have.astype(jnp.int32), partial & ~have)
 
 
+@_slot_to_slot
 def copy_slot(cache: InferenceCache, src, dst) -> InferenceCache:
   """Slot `dst` (released first; must differ from `src`) becomes a full copy of slot `src`: length, state rows,
   and new pages holding the same entries. Sets `overflow` (copying what fits) if too few pages are free."""
-  _check_distinct("copy_slot", src, dst)
-  return _copy_slot(cache, src, dst)
-
-
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _copy_slot(cache: InferenceCache, src, dst) -> InferenceCache:
-  cache = _release(cache, dst)
   src_P = cache.page_table[src]
   held = jnp.sum(src_P >= 0)
   j_P = jnp.arange(cache.max_pages, dtype=jnp.int32)
@@ -112,11 +118,7 @@ def _copy_slot(cache: InferenceCache, src, dst) -> InferenceCache:
     return pool.at[:, target_P].set(pool[:, jnp.maximum(src_P, 0)], mode="drop")
 
   pools = jax.tree.map(copy_pages, cache.pools)
-  states = jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), cache.states)
-  return cache.replace(
-      pools=pools, states=states, page_table=cache.page_table.at[dst].set(new_P),
-      lengths=cache.lengths.at[dst].set(cache.lengths[src]), num_free=jnp.maximum(cache.num_free - held, 0),
-      overflow=cache.overflow | (held > cache.num_free))
+  return _continue_in(cache, src, dst, new_P, pools, jnp.maximum(cache.num_free - held, 0), held > cache.num_free)
 
 
 @dataclasses.dataclass(frozen=True)
