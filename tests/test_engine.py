@@ -1,8 +1,8 @@
 """The serving engine (dsv4_jax.serve.engine): continuous batching over slots, per-request sampling and isolation,
 stop strings/tokens, max_tokens, streaming, cancellation, chat encoding and completion parsing.
 
-A random tiny model (vocabulary = the test tokenizer's) runs the full-forward backend; scripted backends (logits
-that spell out a fixed completion) test the text handling exactly.
+A random tiny model (vocabulary = the test tokenizer's; both from tests/serve_fixtures.py) runs the full-forward
+backend; scripted backends (logits that spell out a fixed completion) test the text handling exactly.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.config import ModelConfig
 from dsv4_jax.model.transformer import DeepSeekV4
 from dsv4_jax.serve.backend import FullForwardBackend, make_backend
 from dsv4_jax.serve.cached_backend import CachedBackend, release_op
@@ -26,21 +25,8 @@ from dsv4_jax.serve.dsml import encode_tool_calls
 from dsv4_jax.serve.engine import Engine, EngineError
 from dsv4_jax.serve.params import InvalidRequest, SamplingParams as SP
 from dsv4_jax.serve.sampling import sample, sample_rows
-from dsv4_jax.tokenizer import train_bpe
 from scripted_backend import Script
-
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. ", "def f(x):\n  return x + 1\n",
-          "café naïve 你好 世界 ", "Stop here. The end."] * 8
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return train_bpe(CORPUS, vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def model(tok, model_factory):
-  return model_factory(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
+from serve_fixtures import model, tok  # noqa: F401 (fixtures)
 
 
 class Spy:

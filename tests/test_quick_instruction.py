@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.config import ModelConfig
 from dsv4_jax.model import moe
 from dsv4_jax.model.cache import page_refcounts
 from dsv4_jax.serve import quick_instruction as qi
@@ -28,28 +27,7 @@ from dsv4_jax.serve.params import InvalidRequest, SamplingParams
 from dsv4_jax.serve.server import Server
 from dsv4_jax.serve.steps import make_prefill
 from dsv4_jax.serve.tokens import TASK_ACTION, TASK_TITLE
-from dsv4_jax.tokenizer import train_bpe
-
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. ", "def f(x):\n  return x + 1\n",
-          "café naïve 你好 世界 ", "Stop here. The end."] * 8
-TASKS = ["title", "domain", "query", "action"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return train_bpe(CORPUS, vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def model(tok, model_factory):
-  return model_factory(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
-
-
-@pytest.fixture(scope="module")
-def messages():
-  """A conversation of ~300 tokens: past one 256-token cache page, so forks share a full page."""
-  return [{"role": "system", "content": "You are terse."},
-          {"role": "user", "content": "".join(CORPUS[:4]) * 7 + "Name this chat."}]
+from serve_fixtures import TASKS, greedy_decode, ids, messages, model, tok  # noqa: F401 (fixtures)
 
 
 # ----- the fork at the cache level ---------------------------------------------------------------------------
@@ -176,11 +154,9 @@ def _post(server, body):
     conn.close()
 
 
-def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged(model, tok, messages):
+def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged(model, tok, messages, ids):
   N = 4
-  prefix_ids, suffix_ids = qi.encode_tasks(tok, messages, TASKS)
-  assert 256 < len(prefix_ids) < 320  # past one 256-token page: the forks share it
-  gen_ids = tok.encode(ASSISTANT + THINK_END)  # the parent's own continuation: the normal chat prompt
+  prefix_ids, suffix_ids, gen_ids = ids  # gen_ids: the parent's own continuation, the normal chat prompt
   backend = CachedBackend(model, 4, 512, kv_format="float32")  # parent + 3 forks: 4 tasks take two waves
   *want_tasks, want_parent = _greedy(backend, tok, [prefix_ids + suffix_ids[t] for t in TASKS] + [prefix_ids + gen_ids],
                                      N)
@@ -193,15 +169,7 @@ def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged
   held = np.asarray(backend.cache.page_table)[0]
   assert int(backend.cache.num_free) == backend.cache.num_pages - int((held >= 0).sum())  # forks' pages back
   # The parent continues as if no task had forked it.
-  logits = backend.extend([0], [gen_ids])
-  got = []
-  for _ in range(N):
-    t = int(np.argmax(np.asarray(logits)[0]))
-    if t == tok.eos_id:
-      break
-    got.append(t)
-    logits = backend.decode([0], [t])
-  assert got == want_parent
+  assert greedy_decode(backend, 0, backend.extend([0], [gen_ids]), N, tok.eos_id) == want_parent
   backend.release(0)
   assert int(backend.cache.num_free) == backend.cache.num_pages and not np.asarray(page_refcounts(backend.cache)).any()
 
@@ -211,7 +179,7 @@ def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged
   try:
     h = engine.submit(prefix_ids + gen_ids, SamplingParams(temperature=0.0, max_tokens=N))
     answers = engine.quick_instructions(messages, TASKS, max_tokens=N)
-    assert answers == {t: tok.decode(ids) for t, ids in zip(TASKS, want_tasks)}
+    assert answers == {t: tok.decode(task_ids) for t, task_ids in zip(TASKS, want_tasks)}
     assert [t for t in h.result(timeout=300).token_ids if t != tok.eos_id] == want_parent
     status, body = _post(server, {"model": "tiny", "messages": messages, "tasks": ["title", "query"], "max_tokens": N})
     assert status == 200 and body["answers"] == {t: answers[t] for t in ["title", "query"]}

@@ -14,44 +14,15 @@ import jax
 import numpy as np
 import pytest
 
-from dsv4_jax.config import ModelConfig
 from dsv4_jax.serve import quick_instruction as qi
 from dsv4_jax.serve.cached_backend import CachedBackend
-from dsv4_jax.serve.chat import ASSISTANT, THINK_END
 from dsv4_jax.serve.engine import Engine
 from dsv4_jax.serve.params import SamplingParams
 from dsv4_jax.serve.speculative import SpeculativeBackend
-from dsv4_jax.tokenizer import train_bpe
+from serve_fixtures import greedy_decode, ids, messages, model, tok  # noqa: F401 (fixtures)
 
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. ", "def f(x):\n  return x + 1\n",
-          "café naïve 你好 世界 ", "Stop here. The end."] * 8
-TASKS = ["title", "domain", "query", "action"]
 N = 4  # answer tokens
 SLOTS, MAX_LEN = 4, 512  # parent + 3 forks: 4 tasks take two waves
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return train_bpe(CORPUS, vocab_size=400)
-
-
-@pytest.fixture(scope="module")
-def model(tok, model_factory):
-  return model_factory(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
-
-
-@pytest.fixture(scope="module")
-def messages():
-  """~300 tokens: past one 256-token cache page, so forks share a full page (main and MTP caches)."""
-  return [{"role": "system", "content": "You are terse."},
-          {"role": "user", "content": "".join(CORPUS[:4]) * 7 + "Name this chat."}]
-
-
-@pytest.fixture(scope="module")
-def ids(tok, messages):
-  prefix_ids, suffix_ids = qi.encode_tasks(tok, messages, TASKS)
-  assert 256 < len(prefix_ids) < 320
-  return prefix_ids, suffix_ids, tok.encode(ASSISTANT + THINK_END)  # the parent's own continuation
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +33,6 @@ def plain(model):
 @pytest.fixture(scope="module")
 def spec(model):
   return SpeculativeBackend(model, SLOTS, MAX_LEN, kv_format="float32")
-
-
-def _greedy(backend, slot, logits, n, eos_id):
-  """Up to n greedy tokens from `logits` (after the slot's last token), one decode step each."""
-  out = []
-  for _ in range(n):
-    t = int(np.argmax(np.asarray(logits).reshape(-1)))
-    if t == eos_id:
-      break
-    out.append(t)
-    logits = backend.decode([slot], [t])
-  return out
 
 
 def _slot_rows(cache, slot):
@@ -106,7 +65,7 @@ def test_quick_instructions_equal_plain_and_leave_the_parent_unchanged(plain, sp
     assert all(n is None for n in backend._lengths[1:])
     for t in gen_ids:  # the parent's continuation (token by token: no extra compile)
       logits = backend.decode([0], [t])
-    parents[name] = _greedy(backend, 0, logits, N, tok.eos_id)
+    parents[name] = greedy_decode(backend, 0, logits, N, tok.eos_id)
     backend.release(0)
   assert runs["spec"].token_ids == runs["plain"].token_ids
   assert any(runs["plain"].token_ids.values())

@@ -1,12 +1,12 @@
 """MTP speculative decoding (dsv4_jax.serve.speculative) == plain decoding.
 
-A random tiny model (all layer types; window 16, CSA blocks 4, HCA blocks 128) with the test tokenizer's vocabulary.
-The reference is the plain cached backend (one token per step, independent code path). Checked: the cached MTP
-block == the full forward's mtp_logits; speculative tokens == plain greedy tokens for rows of different prompt
-lengths crossing window / block boundaries, with drafts that are always right (acceptance 1.0), always wrong
-(0.0), a random mix, and the MTP block's own; the cache after speculation == the plain cache at the same lengths
-(lengths, window rings, compressor tails, every finished compressed entry); through the engine, greedy and
-sampled requests with slot reuse give the same tokens as the plain engine.
+A random tiny model (all layer types; window 16, CSA blocks 4, HCA blocks 128) with the test tokenizer's vocabulary
+(tests/serve_fixtures.py). The reference is the plain cached backend (one token per step, independent code path).
+Checked: the cached MTP block == the full forward's mtp_logits; speculative tokens == plain greedy tokens for rows
+of different prompt lengths crossing window / block boundaries, with drafts that are always right (acceptance 1.0),
+always wrong (0.0), a random mix, and the MTP block's own; the cache after speculation == the plain cache at the
+same lengths (lengths, window rings, compressor tails, every finished compressed entry); through the engine, greedy
+and sampled requests with slot reuse give the same tokens as the plain engine.
 """
 
 from __future__ import annotations
@@ -16,29 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsv4_jax.config import ModelConfig
 from dsv4_jax.model.cache import init_mtp_cache
 from dsv4_jax.model.decode import mtp_forward
 from dsv4_jax.serve.cached_backend import CachedBackend
 from dsv4_jax.serve.engine import Engine
 from dsv4_jax.serve.params import SamplingParams as SP
 from dsv4_jax.serve.speculative import SpecStats, SpeculativeBackend
-from dsv4_jax.tokenizer import train_bpe
+from serve_fixtures import model, tok  # noqa: F401 (fixtures)
 
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. ", "def f(x):\n  return x + 1\n"] * 8
 SLOTS, MAX_LEN, BUCKET = 3, 160, 128
 PROMPTS = (1, 9, 121)  # row 0 crosses the 16-token window twice, row 2 the first HCA block (128)
 STEPS = 18  # speculative steps per row: up to 36 tokens
-
-
-@pytest.fixture(scope="module")
-def tok():
-  return train_bpe(CORPUS, vocab_size=300)
-
-
-@pytest.fixture(scope="module")
-def model(tok, model_factory):
-  return model_factory(ModelConfig.preset("tiny", vocab_size=tok.vocab_size))
 
 
 @pytest.fixture(scope="module")
