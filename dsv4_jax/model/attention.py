@@ -14,7 +14,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 import pallas_kernels
-from dsv4_jax.model import rope
+from dsv4_jax.model import kernel_sharding, rope
 from dsv4_jax.model.common import RMSNorm, param, rms_normalize
 from dsv4_jax.model.compressor import Compressor, quant_kv
 from dsv4_jax.model.indexer import Indexer
@@ -81,8 +81,11 @@ class Attention(nnx.Module):
   def attend(self, q_BSHC, keys_BTC, indices_BSK):
     """One softmax (with the per-head sink) over the keys each query picked: (out [B, S, H, C], lse)."""
     cfg = self.cfg
-    return pallas_kernels.sparse_attention(q_BSHC, keys_BTC, self.attn_sink[...], indices_BSK,
-                                           scale=cfg.head_dim ** -0.5, implementation=cfg.attention_impl)
+    kernel = lambda q, kv, sink, idx: pallas_kernels.sparse_attention(q, kv, sink, idx, scale=cfg.head_dim ** -0.5,
+                                                                      implementation=cfg.attention_impl)
+    return kernel_sharding.per_shard("sparse_attention", kernel, (q_BSHC, keys_BTC, self.attn_sink[...], indices_BSK),
+                                     ("BSHD", "BTD", "H", "BSK"), ("BSHD", "BSH"),
+                                     implementation=cfg.attention_impl, split_heads=True, heads=q_BSHC.shape[2])
 
   def output(self, o_BSHC, table):
     """Inverse RoPE at the query position, then the grouped low-rank output projection: [B, S, D]."""

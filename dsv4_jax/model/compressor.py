@@ -10,12 +10,14 @@ sequence; `extend` continues from a cached tail (decode and chunked prefill), wi
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from dsv4_jax.model import quant, rope
+from dsv4_jax.model import kernel_sharding, quant, rope
 from dsv4_jax.model.common import RMSNorm, param
 from dsv4_jax.model.context import BlockLayout
 
@@ -39,11 +41,13 @@ class Compressor(nnx.Module):
     if not isinstance(self.norm, RMSNorm):  # a test swapped the norm out to see the pooled vector: unfused path
       return self._unfused(x_BSD, positions_BS, layout)
     kv_BSC, score_BSC = self.project_raw(x_BSD)
-    entry_BNC = pallas_kernels.compress(
-        kv_BSC, score_BSC, self.ape[...], self.norm.weight[...], jnp.where(layout.valid_BN, layout.end_BN, -1),
-        layout.has_prev_BN, layout.block_BN * m, ratio=m, rope_freqs=rope.layer_frequencies(cfg, compressed=True),
-        eps=cfg.rms_norm_eps, out_dtype=x_BSD.dtype,
-        implementation="auto" if cfg.attention_impl == "gpu" else cfg.attention_impl)  # auto: the GPU kernel on GPU
+    impl = "auto" if cfg.attention_impl == "gpu" else cfg.attention_impl  # auto: the GPU kernel on GPU
+    kernel = functools.partial(pallas_kernels.compress, ratio=m, eps=cfg.rms_norm_eps, out_dtype=x_BSD.dtype,
+                               rope_freqs=rope.layer_frequencies(cfg, compressed=True), implementation=impl)
+    entry_BNC = kernel_sharding.per_shard(
+        "compress", kernel, (kv_BSC, score_BSC, self.ape[...], self.norm.weight[...],
+                             jnp.where(layout.valid_BN, layout.end_BN, -1), layout.has_prev_BN, layout.block_BN * m),
+        ("BSC", "BSC", "RC", "C", "BN", "BN", "BN"), "BNC", implementation=impl)
     return self.quantize(entry_BNC)
 
   def _unfused(self, x_BSD, positions_BS, layout: BlockLayout):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from dsv4_jax.model import quant, rope
+from dsv4_jax.model import kernel_sharding, quant, rope
 from dsv4_jax.model.common import param
 from dsv4_jax.model.compressor import Compressor
 from pallas_kernels.indexer_topk import MAX_TOPK, causal_visible_end
@@ -120,6 +120,9 @@ def select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int,
     return jnp.full((B, S, 0), -1, jnp.int32), jnp.zeros((B, S, 0), jnp.float32)
   start_BS, end_BS = visible_range(layout, segment_BS)
   chunk = max(1, min(S, _SCORE_BUDGET // max(1, B * H * N)))
-  idx_BSK, scores_BSK = pallas_kernels.indexer_topk(q_BSHK, k_BNK, w_BSH, end_BS, visible_start=start_BS,
-                                                    topk=topk, implementation=impl, query_chunk=chunk)
+  kernel = lambda q, k, w, end, start: pallas_kernels.indexer_topk(q, k, w, end, visible_start=start, topk=topk,
+                                                                   implementation=impl, query_chunk=chunk)
+  idx_BSK, scores_BSK = kernel_sharding.per_shard(  # heads stay whole: the scores sum over them before the top-k
+      "indexer_topk", kernel, (q_BSHK, k_BNK, w_BSH, end_BS, start_BS), ("BSHD", "BND", "BSH", "BS", "BS"),
+      ("BSK", "BSK"), implementation=impl)
   return jnp.where(idx_BSK >= 0, idx_BSK + offset, -1).astype(jnp.int32), scores_BSK
