@@ -81,7 +81,11 @@ def pack_entries(x, rope_dim: int, kv_format: str):
 
 
 def unpack_entries(rows, head_dim: int, rope_dim: int, kv_format: str, dtype):
-  """Storage rows -> attention entries [..., head_dim] in `dtype`."""
+  """Storage rows -> attention entries [..., head_dim] in `dtype`.
+
+  Elementwise on the bytes (slices, reshapes, converts, one concatenate), no gathers, so XLA can fuse the
+  dequantization into whatever reads the entries.
+  """
   if kv_format != "fp8":
     return rows.astype(dtype)
   lead = rows.shape[:-1]
@@ -90,9 +94,14 @@ def unpack_entries(rows, head_dim: int, rope_dim: int, kv_format: str, dtype):
   q = jax.lax.bitcast_convert_type(rows[..., :nope], jnp.float8_e4m3fn).astype(jnp.float32)
   scale = _ue8m0_value(rows[..., nope + 2 * rope_dim:nope + 2 * rope_dim + n_scales])
   nope_vals = (q.reshape(*lead, n_scales, FP8_BLOCK) * scale[..., None]).reshape(*lead, nope)
-  rope_pairs = rows[..., nope:nope + 2 * rope_dim].reshape(*lead, rope_dim, 2)
-  rope_vals = jax.lax.bitcast_convert_type(rope_pairs, jnp.bfloat16).astype(jnp.float32)
+  rope_pairs = rows[..., nope:nope + 2 * rope_dim].reshape(*lead, rope_dim, 2).astype(jnp.uint32)
+  rope_vals = _bf16_bits_value(rope_pairs[..., 0] | (rope_pairs[..., 1] << 8))  # little-endian bf16
   return jnp.concatenate([nope_vals, rope_vals], axis=-1).astype(dtype)
+
+
+def _bf16_bits_value(bits):
+  """float32 value of bf16 bit patterns (uint32 holding 16 bits): the bf16 is the float32's top half."""
+  return jax.lax.bitcast_convert_type(bits << 16, jnp.float32)
 
 
 def _e2m1_code(q):
@@ -118,14 +127,28 @@ def pack_keys(x, kv_format: str):
   return jnp.concatenate([packed, _ue8m0_byte(scale_N1[..., 0])], axis=-1)
 
 
+def _e2m1_value(code):
+  """float32 value of e2m1 codes (uint8, 0..15): bit 3 sign, bits 1-2 exponent (bias 1), bit 0 mantissa.
+
+  Arithmetic rather than a table lookup (a gather XLA cannot fuse); equals quant.FP4_E2M1_VALUES bit for bit,
+  -0.0 for code 8 included. 2|v| is an integer: m for exponent 0 (subnormal), (2 + m) << (e - 1) otherwise.
+  """
+  e, m = (code >> 1) & 3, code & 1
+  twice = jnp.where(e == 0, m, (m + 2) << (jnp.maximum(e, 1) - 1))
+  return twice.astype(jnp.float32) * jnp.where(code & 8, jnp.float32(-0.5), jnp.float32(0.5))
+
+
 def unpack_keys(rows, index_dim: int, kv_format: str, dtype):
-  """Storage rows -> indexer keys [..., index_dim] in `dtype`."""
+  """Storage rows -> indexer keys [..., index_dim] in `dtype`.
+
+  Elementwise on the bytes (no table gather, no stack), so XLA can fuse the dequantization into the score
+  matmul's operand instead of writing the keys out in `dtype` first.
+  """
   if kv_format != "fp8":
     return rows.astype(dtype)
   lead = rows.shape[:-1]
-  half = index_dim // 2
-  codes = jnp.stack([rows[..., :half] & 0x0F, rows[..., :half] >> 4], axis=-1).reshape(*lead, index_dim)
-  values = jnp.asarray(quant.FP4_E2M1_VALUES)[codes.astype(jnp.int32)]
-  scale = _ue8m0_value(rows[..., half:half + index_dim // FP4_BLOCK])
-  out = values.reshape(*lead, index_dim // FP4_BLOCK, FP4_BLOCK) * scale[..., None]
-  return out.reshape(*lead, index_dim).astype(dtype)
+  half, n_scales = index_dim // 2, index_dim // FP4_BLOCK
+  nibble_shift = jnp.array([0, 4], jnp.uint8)  # low nibble = even dim
+  codes = ((rows[..., :half, None] >> nibble_shift) & 0x0F).reshape(*lead, n_scales, FP4_BLOCK)
+  scale = _ue8m0_value(rows[..., half:half + n_scales])
+  return (_e2m1_value(codes) * scale[..., None]).reshape(*lead, index_dim).astype(dtype)
