@@ -131,7 +131,8 @@ def _e2m1_value(code):
   """float32 value of e2m1 codes (uint8, 0..15): bit 3 sign, bits 1-2 exponent (bias 1), bit 0 mantissa.
 
   Arithmetic rather than a table lookup (a gather, which a fused matmul cannot take into its operand); equals
-  quant.FP4_E2M1_VALUES bit for bit, -0.0 for code 8 included. 2|v| is an integer: m for exponent 0 (subnormal), (2 + m) << (e - 1) otherwise.
+  quant.FP4_E2M1_VALUES bit for bit, -0.0 for code 8 included. 2|v| is an integer: m for exponent 0 (subnormal),
+  (2 + m) << (e - 1) otherwise.
   """
   e, m = (code >> 1) & 3, code & 1
   twice = jnp.where(e == 0, m, (m + 2) << (jnp.maximum(e, 1) - 1))
