@@ -8,7 +8,9 @@ devices (a subprocess: the device count must be set before jax starts; this file
 * the compiled wrapped function has no all-gather (the plain TPU-interpret call under GSPMD has: the check can fail);
 * a batch the batch axes do not divide falls back (or splits over the axes that divide it) with one warning;
 * a tiny CSA model's forward with attention_impl="tpu" (interpret) on a 2x2x2x1 mesh equals the unmeshed forward;
-* without a mesh context, or with a pure-JAX implementation, the call is the plain one.
+* without a mesh context, or with a pure-JAX implementation, the call is the plain one;
+* compiled ahead of time for TPU v5p (8 chips, Mosaic kernels), every kernel custom call has per-shard shapes (the
+  unwrapped call does not compile there at all: Mosaic kernels cannot be partitioned automatically).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import os
 import pathlib
 import subprocess
 import sys
+import re
 import time
 
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the AOT test: libtpu beside other processes using it
 if __name__ == "__main__":
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -370,6 +374,47 @@ def test_without_mesh_or_kernel_it_is_the_plain_call():
       assert "shard_map" in str(jax.make_jaxpr(call("tpu"))(*case["args"]))
   assert kernel_sharding.is_kernel("tpu") and not kernel_sharding.is_kernel("reference")
   assert kernel_sharding.is_kernel("auto") == (jax.default_backend() in ("tpu", "gpu"))
+
+
+def _aot_compile(op, mesh, wrapped: bool):
+  """The op's forward + gradient (TPU kernels) jitted under `mesh` and compiled for its TPU topology."""
+  from pallas_kernels.sparse_attention.tpu import compile_for_tpu
+  case = make_case(op, impl="tpu")
+  args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.batch_sharding(mesh, a.ndim) if layout[0] == "B"
+                               else NamedSharding(mesh, P())) for a, layout in zip(case["args"], case["layouts"])]
+  f = value_and_grads(case, wrapped)
+
+  def traced(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return f(*args)
+  with compile_for_tpu(), jax.default_matmul_precision("default"):
+    return jax.jit(traced).lower(*args).compile().as_text()
+
+
+def test_aot_compile_for_v5p_runs_the_kernels_per_shard():
+  """v5p:2x2x2 as a (data 2, tensor 4) mesh: each op's Mosaic kernels (forward and backward) see B / 2 rows, the
+  attention kernels H / 4 heads; no all-gather."""
+  pytest.importorskip("aot_util")  # skips without libtpu
+  from jax.experimental import topologies
+  mesh = sharding.make_mesh(2, 1, 1, 4, devices=topologies.get_topology_desc("v5p:2x2x2", "tpu").devices)
+  for op in OPS:
+    hlo = _aot_compile(op, mesh, wrapped=True)
+    calls = re.findall(r"%(\w+)\.\d+ = (.*?) custom-call\(.*custom_call_target=\"tpu_custom_call\"", hlo)
+    shapes = {name: [[int(d) for d in dims.split(",")] for dims in re.findall(r"\w+\[([\d,]+)\]", result)]
+              for name, result in calls}  # kernel name -> its results' shapes
+    assert len(shapes) == (1 if op == "indexer_topk" else 2) and hlo.count("all-gather(") == 0, (op, shapes)
+    assert all(dims[0] == B // 2 for result in shapes.values() for dims in result), (op, shapes)
+    if op == "sparse_attention":
+      assert shapes["sparse_attention_fwd"][0][:3] == [B // 2, 8, 1], shapes  # [B/2, S, H/4, D padded]
+
+
+def test_aot_compile_unwrapped_kernel_is_rejected():
+  """Why the wrapper is needed on a TPU pod: the plain Mosaic call under a sharded jit does not compile."""
+  pytest.importorskip("aot_util")
+  from jax.experimental import topologies
+  mesh = sharding.make_mesh(2, 1, 1, 4, devices=topologies.get_topology_desc("v5p:2x2x2", "tpu").devices)
+  with pytest.raises(NotImplementedError, match="cannot be automatically partitioned"):
+    _aot_compile("sparse_attention", mesh, wrapped=False)
 
 
 if __name__ == "__main__":
