@@ -1,7 +1,8 @@
 """Run a per-row kernel on each device's shard of the batch (`per_shard`).
 
-A Pallas kernel is a custom call, which GSPMD cannot partition: under a sharded jit it all-gathers the operands
-and every device computes the whole batch. `per_shard` wraps such a call in `jax.shard_map` over the context mesh
+A Pallas kernel is a custom call, which GSPMD cannot partition: under a jit with sharded operands a Mosaic TPU
+kernel does not compile ("cannot be automatically partitioned"), others (interpret mode) get their operands
+all-gathered and every device computes the whole batch. `per_shard` wraps such a call in `jax.shard_map` over the context mesh
 (`jax.set_mesh(mesh)`, or `use_abstract_mesh` inside the jit as dsv4_jax.train.loop.traced_under does), so each
 device runs the kernel on its own rows: the batch dim split over the batch axes (dsv4_jax.sharding.BATCH_AXES)
 and, where the op allows it, the heads over "tensor".
@@ -13,15 +14,15 @@ those devices then repeat their neighbours' rows); nothing usable, or no mesh co
 
 Pure-JAX implementations ("reference", and "auto" where it resolves to the reference: on the CPU) are left to
 GSPMD, which partitions them fine; `force()` wraps them too (tests: the reference through shard_map is cheap).
-Gradients of operands replicated over an axis (sink, ape, norm_weight) are summed over its shards by shard_map's
-transpose.
+Gradients of operands replicated over an axis (sink, ape, norm_weight; kv over "tensor") are summed over its
+shards by shard_map's transpose. check_vma is off: the ops' VJPs (scan carries) are not typed for varying manual
+axes; the sums are still right (tests/test_kernel_sharding.py compares every gradient with the unsharded call).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 
 import jax
 from jax.sharding import AxisType, PartitionSpec as P
@@ -31,7 +32,6 @@ from dsv4_jax.sharding import BATCH_AXES
 log = logging.getLogger(__name__)
 
 TENSOR_AXIS = "tensor"
-CHECK_VMA = False
 _forced = False
 _warned: set[str] = set()
 
@@ -125,4 +125,4 @@ def per_shard(op: str, fn, args, in_layouts, out_layouts, *, implementation: str
   # Manual over every free axis: the kernel sees only its shard, replicated over the axes it does not split.
   return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs,
                        axis_names=frozenset(a for a in mesh.axis_names if a not in manual),
-                       check_vma=CHECK_VMA)(*args)
+                       check_vma=False)(*args)
