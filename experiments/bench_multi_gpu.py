@@ -203,15 +203,21 @@ def train_parity(steps: int) -> dict:
   return dict(cfg=cfg.to_dict(), params=state_bytes(cfg)["params"], seq=seq, batch=batch, steps=steps, rows=rows)
 
 
-def train_throughput(attention_impl: str, steps: int, rows_per_device: int, ceiling: float) -> dict:
+def train_throughput(attention_impl: str, steps: int, rows_per_device: int, ceiling: float, only=None,
+                     progress=lambda r: None) -> dict:
+  """`only`: the case names to run (default all); `progress(partial result)` after each case."""
   n = jax.device_count()
   seq = 256 if SMOKE else 4096
   cases = [("1 device", (1, 1, 1, 1), 1, "capacity"),
            ("data: replicated experts", (n, 1, 1, 1), n, "capacity"),
            ("fsdp", (1, n, 1, 1), n, "capacity"),
            ("expert: all-to-all", (1, 1, n, 1), n, "alltoall")]
+  cases = [c for c in cases if not only or c[0].split(":")[0] in only]
   rows = []
+  base = throughput_config(attention_impl, "capacity")
+  result = dict(cfg=base.to_dict(), params=state_bytes(base)["params"], rows=rows, steps=steps)
   for name, sizes, ndev, moe in cases:
+    progress(result)
     cfg = throughput_config(attention_impl, moe)
     log(f"throughput: {name} {sizes}, moe {moe}, {rows_per_device * ndev} rows × {seq}")
     try:
@@ -232,12 +238,12 @@ def train_throughput(attention_impl: str, steps: int, rows_per_device: int, ceil
     log(f"  step {step_s:.3f} s, {tokens / step_s / ndev:,.0f} tok/s/device, MFU {rows[-1]['mfu']:.1%}, "
         f"compile {run.compile_s:.0f} s, temp {run.mem['temp']:.1f} GiB/device")
     del run
-  one = next((r for r in rows if r["devices"] == 1 and "error" not in r), None)
-  for r in rows:
-    if one and "error" not in r:
-      r["scaling"] = r["tok_s_dev"] / one["tok_s_dev"]
-  cfg = throughput_config(attention_impl, "capacity")
-  return dict(cfg=cfg.to_dict(), params=state_bytes(cfg)["params"], rows=rows, steps=steps)
+    one = next((r for r in rows if r["devices"] == 1 and "error" not in r), None)
+    for r in rows:
+      if one and "error" not in r:
+        r["scaling"] = r["tok_s_dev"] / one["tok_s_dev"]
+  progress(result)
+  return result
 
 
 def train_big(attention_impl: str, experts: int, steps: int, rows_per_device: int, ceiling: float,
@@ -433,6 +439,8 @@ def main(argv=None) -> int:
   ap.add_argument("--attention-impl", default="gpu", choices=("reference", "gpu", "auto"))
   ap.add_argument("--skip", nargs="*", default=[], choices=("parity", "throughput", "big"))
   ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--only", nargs="*", default=None, choices=("1 device", "data", "fsdp", "expert"),
+                  help="throughput cases to run (default all)")
   ap.add_argument("--rows-per-device", type=int, default=None, help="throughput rows per device (default 8)")
   ap.add_argument("--big-experts", type=int, default=None, help="routed experts of the big model (default 96)")
   ap.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 131072)")
@@ -476,7 +484,8 @@ def main(argv=None) -> int:
       r["parity"] = train_parity(steps=min(steps, 4))
       save("train", r)
     if "throughput" not in args.skip:
-      r["throughput"] = train_throughput(attention_impl, steps, args.rows_per_device or (2 if SMOKE else 8), mm)
+      r["throughput"] = train_throughput(attention_impl, steps, args.rows_per_device or (2 if SMOKE else 8), mm,
+                                         only=args.only, progress=lambda t: save("train", dict(r, throughput=t)))
       save("train", r)
     if "big" not in args.skip:
       r["big"] = train_big(attention_impl, args.big_experts or (8 if SMOKE else 96), min(steps, 4),
