@@ -180,13 +180,14 @@ class TrainRun:
     return times, metrics
 
 
-def train_parity(steps: int) -> dict:
+def train_parity(steps: int, only=None) -> dict:
   cfg = parity_config()
   n = jax.device_count()
   seq, batch = (64, 4) if SMOKE else (2048, 4)
   meshes = [("1 device", (1, 1, 1, 1), 1, "capacity"), ("fsdp", (1, n, 1, 1), n, "capacity"),
             ("expert, all-to-all", (1, 1, n, 1), n, "alltoall"), ("data (replicated)", (n, 1, 1, 1), n, "capacity"),
             ("tensor", (1, 1, 1, n), n, "capacity")]
+  meshes = [m for m in meshes if not only or m[0].split(",")[0].split(" ")[0] in only or m[2] == 1]
   rows = []
   for name, sizes, ndev, moe in meshes:
     log(f"parity: {name} {sizes}, moe {moe}")
@@ -276,13 +277,14 @@ def train_big(attention_impl: str, experts: int, steps: int, rows_per_device: in
 
 
 # ----- serve ----------------------------------------------------------------------------------------------
-def serve_decode(contexts: list[int], batch: int, steps: int, bw: float) -> dict:
+def serve_decode(contexts: list[int], batch: int, steps: int, bw: float, only=None) -> dict:
   n = jax.device_count()
   cfg = bench_serve.bench_config(SMOKE, 8 if SMOKE else 32).replace(scan_layers=False)
   fmt = "fp8"
   cases = [("1 device", None, "ragged (serving default)"),
            ("tensor", (1, 1, 1, n), "ragged (serving default)"),
            ("expert", (1, 1, n, 1), "capacity, C = tokens (exact)")]
+  cases = [c for c in cases if not only or c[0] in only]
   rows = []
   for name, sizes, moe in cases:
     mesh = None if sizes is None else mesh_of(sizes, n)
@@ -439,8 +441,8 @@ def main(argv=None) -> int:
   ap.add_argument("--attention-impl", default="gpu", choices=("reference", "gpu", "auto"))
   ap.add_argument("--skip", nargs="*", default=[], choices=("parity", "throughput", "big"))
   ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--only", nargs="*", default=None, choices=("1 device", "data", "fsdp", "expert"),
-                  help="throughput cases to run (default all)")
+  ap.add_argument("--only", nargs="*", default=None, choices=("1 device", "data", "fsdp", "expert", "tensor"),
+                  help="meshes to run (default all; parity always runs 1 device)")
   ap.add_argument("--rows-per-device", type=int, default=None, help="throughput rows per device (default 8)")
   ap.add_argument("--big-experts", type=int, default=None, help="routed experts of the big model (default 96)")
   ap.add_argument("--contexts", type=int, nargs="+", default=None, help="decode contexts (default 131072)")
@@ -481,7 +483,7 @@ def main(argv=None) -> int:
   if args.part in ("train", "all"):
     r = {}
     if "parity" not in args.skip:
-      r["parity"] = train_parity(steps=min(steps, 4))
+      r["parity"] = train_parity(steps=min(steps, 4), only=args.only)
       save("train", r)
     if "throughput" not in args.skip:
       r["throughput"] = train_throughput(attention_impl, steps, args.rows_per_device or (2 if SMOKE else 8), mm,
@@ -493,7 +495,7 @@ def main(argv=None) -> int:
       save("train", r)
   if args.part in ("serve", "all"):
     r = {"decode": serve_decode(args.contexts or ([512] if SMOKE else [131072]), args.batch or (4 if SMOKE else 64),
-                                steps, bw)}
+                                steps, bw, only=args.only)}
     save("serve", r)
   return 0
 
