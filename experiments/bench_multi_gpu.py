@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -65,6 +66,7 @@ import timing  # noqa: E402
 GiB = 2 ** 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMOKE = False
+NOTES_MARKER = "<!-- notes: kept when the tables above are re-rendered -->"
 
 
 def log(msg: str) -> None:
@@ -283,7 +285,8 @@ def serve_decode(contexts: list[int], batch: int, steps: int, bw: float, only=No
   fmt = "fp8"
   cases = [("1 device", None, "ragged (serving default)"),
            ("tensor", (1, 1, 1, n), "ragged (serving default)"),
-           ("expert", (1, 1, n, 1), "capacity, C = tokens (exact)")]
+           ("expert", (1, 1, n, 1), "capacity, C = tokens (exact)"),
+           ("data", (n, 1, 1, 1), "ragged (serving default)")]
   cases = [c for c in cases if not only or c[0] in only]
   rows = []
   for name, sizes, moe in cases:
@@ -350,8 +353,11 @@ def write_report(out_dir: str) -> str:
   for key, r in parts.items():
     env = r["env"]
     L += [f"`{key}` part: {env['date']}, {env['devices']}, jax {env['jax']}, Python {env['python']}; measured bf16 "
-          f"matmul (one device) {env['matmul'] / 1e12:.0f} TFLOP/s, copy {env['bw'] / 1e12:.2f} TB/s. "
-          f"Reproduce: `{env['command']}`.", ""]
+          f"matmul (one device) {env['matmul'] / 1e12:.0f} TFLOP/s, copy {env['bw'] / 1e12:.2f} TB/s.", ""]
+
+  def reproduce(section: dict) -> list[str]:
+    cmds = list(dict.fromkeys(row["command"] for row in section.get("rows", [section]) if "command" in row))
+    return [f"Reproduce: {'; '.join(f'`{c}`' for c in cmds)}.", ""] if cmds else []
   tr = parts.get("train")
   if tr and "parity" in tr:
     p = tr["parity"]
@@ -365,7 +371,13 @@ def write_report(out_dir: str) -> str:
     for r in p["rows"]:
       L.append(f"| {r['mesh']} | {r['moe']} | {', '.join(f'{x:.5f}' for x in r['losses'])} | "
                f"{r['max_abs_diff']:.2e} | {r['max_rel_diff']:.2e} |")
+    if p.get("repeat_1_device_losses"):
+      rep = p["repeat_1_device_losses"]
+      L.append(f"Run-to-run spread on the GPU: the same 1-device run repeated (`{p['repeat_command']}`) gave "
+               f"{', '.join(f'{x:.5f}' for x in rep)}, up to "
+               f"{max(abs(a - b) for a, b in zip(rep, p['rows'][0]['losses'])):.2e} from the row above.")
     L.append("")
+    L += reproduce(p)
   if tr and "throughput" in tr:
     t = tr["throughput"]
     L += ["## Train: throughput and scaling (same rows per device on 1 and N devices)", "",
@@ -388,6 +400,7 @@ def write_report(out_dir: str) -> str:
                f"{c['all-to-all']} ({c['expert all-to-all']}) / {c['all-gather']} / {c['reduce-scatter']} / "
                f"{c['all-reduce']} |")
     L.append("")
+    L += reproduce(t)
   if tr and "big" in tr:
     b = tr["big"]
     state = (b["param_bytes"] + b["opt_bytes"]) / GiB
@@ -407,6 +420,7 @@ def write_report(out_dir: str) -> str:
             f"{b['mem']['temp']:.1f} GiB per device; peak in use {', '.join(f'{x:.1f}' for x in b['peak_gib'])} "
             f"GiB; losses {', '.join(f'{x:.4f}' for x in b['losses'])} (compile {b['compile_s']:.0f} s)."]
     L.append("")
+    L += reproduce(b)
   sv = parts.get("serve")
   if sv:
     d = sv["decode"]
@@ -423,12 +437,30 @@ def write_report(out_dir: str) -> str:
                f"{r['pipelined_s'] * 1e3:.2f} | {r['tok_s']:,.0f} | {r.get('speedup', float('nan')):.2f}× | "
                f"{r['floor_1dev_s'] * 1e3:.2f} |")
     L.append("")
+    L += reproduce(d)
   text = "\n".join(L) + "\n"
-  path = os.path.join(HERE, "results", "multi_gpu.md") if out_dir == os.path.join(HERE, "results") else \
-      os.path.join(out_dir, "multi_gpu.md")
+  path = os.path.join(out_dir, "multi_gpu.md")
+  if os.path.exists(path):  # keep the hand-written reading of the results below the marker
+    with open(path) as f:
+      old = f.read()
+    if NOTES_MARKER in old:
+      text += "\n" + old[old.index(NOTES_MARKER):]
   with open(path, "w") as f:
     f.write(text)
   return text
+
+
+def _without_out(argv: list[str]) -> list[str]:
+  """argv without --out DIR (a machine's scratch path is no part of the command to reproduce)."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+    elif a == "--out":
+      skip = True
+    elif not a.startswith("--out="):
+      out.append(a)
+  return out
 
 
 # ----- main -----------------------------------------------------------------------------------------------
@@ -471,10 +503,14 @@ def main(argv=None) -> int:
   gpu_bytes = 143771 * 2 ** 20 if "H200" in dev.device_kind else float(stats.get("bytes_limit", 141 * GiB))
   env = dict(date=datetime.date.today().isoformat(), devices=f"{n} × {dev.device_kind}", jax=jax.__version__,
              python=platform.python_version(), matmul=mm, bw=bw,
-             command="python experiments/bench_multi_gpu.py " + " ".join(sys.argv[1:] if argv is None else argv))
+             command=shlex.join(["python", "experiments/bench_multi_gpu.py"]
+                                + _without_out(sys.argv[1:] if argv is None else argv)))
   os.makedirs(args.out, exist_ok=True)
 
   def save(key: str, r: dict) -> None:
+    for section in r.values():  # each row says which command measured it (reports may merge several runs)
+      for row in section.get("rows", [section]):
+        row.setdefault("command", env["command"])
     for d in filter(None, (args.out, os.environ.get("OUT"))):
       with open(os.path.join(d, f"multi_gpu_{key}.json"), "w") as f:
         json.dump(dict(r, env=env), f, indent=1, default=str)
