@@ -99,3 +99,12 @@ def create_sharded(model_cls, cfg, mesh: Mesh | None, seed: int = 0):
   else:
     state = jax.jit(init, out_shardings=state_shardings(abstract_state, mesh))()
   return nnx.merge(graphdef, state)
+
+
+def traced_under(mesh: Mesh, fn):
+  """fn traced with `mesh` as the context (abstract) mesh: moe_impl "alltoall" finds its "expert" axis there and
+  the Pallas kernels run per shard (dsv4_jax.model.kernel_sharding). Used by the train and serve steps."""
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced

@@ -20,7 +20,9 @@ Sharded (GSPMD): with the parameters born on a mesh (dsv4_jax.sharding.create_sh
 
 The compiled step pins the cache's in and out shardings to model.cache.cache_shardings (slots and pages split
 over data × fsdp, see there for the communication), so the cache stays sharded step after step and its buffers
-are donated in place; the parameters keep the shardings they carry. A cache not yet placed so (e.g. fresh from
+are donated in place; the parameters keep the shardings they carry. The step is traced with the mesh as the
+context mesh, so kernel implementations (attention_impl "gpu"/"tpu") run on each device's rows
+(dsv4_jax.model.kernel_sharding). A cache not yet placed so (e.g. fresh from
 init_cache) is placed on the first call. Without a mesh nothing is pinned (the single-device behaviour).
 """
 
@@ -30,6 +32,7 @@ import jax
 from flax import nnx
 
 from dsv4_jax.model.cache import cache_shardings, shard_cache
+from dsv4_jax.sharding import traced_under
 
 
 def _jitted(model, method: str, extra: str, mesh=None):
@@ -49,6 +52,7 @@ def _jitted(model, method: str, extra: str, mesh=None):
     return run
 
   steps = {}  # one jitted step per cache layout (its shardings depend on batch and num_pages)
+  body = traced_under(mesh, body)  # the mesh as context: Pallas kernels run per shard (model/kernel_sharding.py)
 
   def run(tokens, cache, arg=None, slots=None, max_context=None):
     shardings = cache_shardings(cache, mesh)

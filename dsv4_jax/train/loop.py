@@ -125,12 +125,7 @@ class MetricsWriter:
       self._tb.close()
 
 
-def traced_under(mesh, fn):
-  """fn traced with `mesh` as the context (abstract) mesh: moe_impl "alltoall" finds its "expert" axis there."""
-  def traced(*args, **kwargs):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      return fn(*args, **kwargs)
-  return traced
+traced_under = sharding.traced_under  # re-exported: the Trainer's steps and the benchmarks use it from here
 
 
 class Trainer:
