@@ -21,19 +21,18 @@ from dsv4_jax.serve.chat import EOS, REASONING_EFFORT_MAX_PREFIX, THINK_END, THI
 from dsv4_jax.serve.dsml import encode_tool_calls
 from dsv4_jax.serve.engine import Engine
 from dsv4_jax.serve.server import Server
-from dsv4_jax.tokenizer import Tokenizer, train_bpe
+from dsv4_jax.tokenizer import Tokenizer
 from dsv4_jax.weights import load_pretrained
 from scripted_backend import Script
+from serve_fixtures import serve_tokenizer
 
-CORPUS = ["hello world, the quick brown fox jumps over the lazy dog. ", "def f(x):\n  return x + 1\n",
-          "café naïve 你好 世界 ", "Stop here. The end."] * 8
 NAME = "tiny-test"
 MAX_LEN = 64
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, model_factory):
-  tok = train_bpe(CORPUS, vocab_size=400)
+  tok = serve_tokenizer()
   cfg = ModelConfig.preset("tiny", vocab_size=tok.vocab_size)
   path = tmp_path_factory.mktemp("serve") / "ckpt"
   save_pretrained(model_factory(cfg), cfg, path, progress=False)
