@@ -51,6 +51,7 @@ DATASHEET_BF16 = 989e12
 SMOKE = False  # --smoke: the tiny preset, to check the script on a CPU
 FP32 = False  # --fp32-matmuls
 MOE_IMPL = "capacity"  # --moe-impl
+ATTENTION_IMPL = "reference"  # --attention-impl
 
 
 def bench_config(seq: int) -> ModelConfig:
@@ -63,7 +64,8 @@ def bench_config(seq: int) -> ModelConfig:
       num_hash_layers=1, num_attention_heads=16, q_lora_rank=512, o_groups=4, o_lora_rank=512,
       index_n_heads=32, index_topk=512, n_routed_experts=32, num_experts_per_tok=6, moe_intermediate_size=1024,
       max_position_embeddings=max(seq, 65536), expert_dtype=None, weight_quant=None, simulate_quant=False,
-      dtype="bfloat16", param_dtype="float32", moe_impl=MOE_IMPL, fp32_matmuls=FP32)
+      dtype="bfloat16", param_dtype="float32", moe_impl=MOE_IMPL, fp32_matmuls=FP32,
+      attention_impl=ATTENTION_IMPL)
 
 
 def timed(fn, *args, steps: int, warmup: int = 2):
@@ -264,14 +266,16 @@ def main():
   p.add_argument("--breakdown", action="store_true", help="also time the components at the first --seq (1 device)")
   p.add_argument("--moe-impl", default="capacity", choices=["capacity", "ragged", "alltoall"],
                  help="routed-expert path (alltoall needs --mesh with an expert axis > 1, else = capacity)")
+  p.add_argument("--attention-impl", default="reference", choices=["reference", "gpu", "auto"],
+                 help="cfg.attention_impl ('gpu': the Mosaic GPU sparse-attention and compression kernels)")
   p.add_argument("--mesh", default=None, metavar="DATA,FSDP,EXPERT,TENSOR",
                  help="mesh axis sizes, one may be -1 (the rest); default: every device on fsdp")
   p.add_argument("--batch", type=int, default=None, help="rows per microbatch (global; default: 32K tokens)")
   p.add_argument("--accum", type=int, default=None, help="microbatches per step (default 2)")
   p.add_argument("--hlo-out", default=None, help="write the first case's compiled step HLO text here")
   args = p.parse_args()
-  global SMOKE, FP32, MOE_IMPL
-  SMOKE, FP32, MOE_IMPL = args.smoke, args.fp32_matmuls, args.moe_impl
+  global SMOKE, FP32, MOE_IMPL, ATTENTION_IMPL
+  SMOKE, FP32, MOE_IMPL, ATTENTION_IMPL = args.smoke, args.fp32_matmuls, args.moe_impl, args.attention_impl
   mesh = parse_mesh(args.mesh)
   n_batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
   plans = {seq: (args.batch or plans_for(seq)[0], args.accum or plans_for(seq)[1]) for seq in args.seq}
@@ -312,8 +316,8 @@ def main():
       f"Python {platform.python_version()}. Measured bf16 matmul ceiling ({ceiling_n}³, random data, one device): "
       f"{ceiling / 1e12:.1f} TFLOP/s; datasheet {DATASHEET_BF16 / 1e12:.0f}.",
       f"Model: `experiments/bench_train.py:bench_config` — {model_text}, fp32 master weights, bf16 compute, "
-      f"{moe_text} (`--moe-impl {MOE_IMPL}`). Parameters and optimizer state sharded by their logical axes "
-      "(dsv4_jax.sharding.RULES), batch split over data × fsdp × expert. Full train step: Muon + AdamW, "
+      f"{moe_text} (`--moe-impl {MOE_IMPL}`), attention `{ATTENTION_IMPL}`. Parameters and optimizer state "
+      "sharded by their logical axes (dsv4_jax.sharding.RULES), batch split over data × fsdp × expert. Full train step: Muon + AdamW, "
       "LM + MTP + balance + indexer-KL losses (sparse stage), bias update. Median of the timed steps after 2 "
       "warm-ups; random tokens, two packed documents per row. Per-device columns divide by the "
       f"{mesh.size} device(s); MFU is per device.",
