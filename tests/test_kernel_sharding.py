@@ -16,14 +16,9 @@ devices (a subprocess: the device count must be set before jax starts; this file
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-import pathlib
-import subprocess
-import sys
 import re
-import time
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the AOT test: libtpu beside other processes using it
 if __name__ == "__main__":
@@ -38,6 +33,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as
 
 import pallas_kernels  # noqa: E402
 from dsv4_jax import sharding  # noqa: E402
+from multidevice import run_checks, run_report  # noqa: E402
 from dsv4_jax.model import kernel_sharding  # noqa: E402
 from pallas_kernels.compress import block_slots  # noqa: E402
 
@@ -281,22 +277,13 @@ def check_model(report):
 
 
 def main():
-  jax.config.update("jax_default_matmul_precision", "highest")
-  report = {"devices": len(jax.devices()), "seconds": {}}
-  for check in (check_ops, check_tpu_interpret, check_fallback, check_explicit, check_model):
-    start = time.perf_counter()
-    check(report)
-    report["seconds"][check.__name__] = round(time.perf_counter() - start, 1)
-  print(json.dumps(report))
+  run_checks((check_ops, check_tpu_interpret, check_fallback, check_explicit, check_model))
 
 
 # ----- the tests ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report():
-  proc = subprocess.run([sys.executable, str(pathlib.Path(__file__))], capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "XLA_FLAGS": ""})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_report(__file__)
 
 
 @pytest.mark.parametrize("op", OPS)

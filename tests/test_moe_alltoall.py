@@ -11,12 +11,7 @@ starts; this file is also that subprocess's script), plus an ahead-of-time compi
 
 from __future__ import annotations
 
-import json
 import os
-import pathlib
-import subprocess
-import sys
-import time
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the AOT test: libtpu beside other processes using it
 if __name__ == "__main__":
@@ -31,6 +26,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from dsv4_jax import sharding  # noqa: E402
+from multidevice import run_checks, run_report  # noqa: E402
 from dsv4_jax.config import ModelConfig  # noqa: E402
 from dsv4_jax.model import moe, moe_alltoall  # noqa: E402
 
@@ -198,22 +194,13 @@ def check_train_step(report):
 
 
 def main():
-  jax.config.update("jax_default_matmul_precision", "highest")
-  report = {"devices": len(jax.devices()), "seconds": {}}
-  for check in (check_layer, check_overflow, check_train_step):
-    start = time.perf_counter()
-    check(report)
-    report["seconds"][check.__name__] = round(time.perf_counter() - start, 1)
-  print(json.dumps(report))
+  run_checks((check_layer, check_overflow, check_train_step))
 
 
 # ----- the tests ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def report():
-  proc = subprocess.run([sys.executable, str(pathlib.Path(__file__))], capture_output=True, text=True, timeout=600,
-                        env={**os.environ, "XLA_FLAGS": ""})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_report(__file__)
 
 
 @pytest.mark.parametrize("case", LAYER_CASES)

@@ -5,11 +5,7 @@ is tests/serve_sharded_check.py in a subprocess (the device count must be set be
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -20,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from dsv4_jax import sharding
 from dsv4_jax.config import ModelConfig
 from dsv4_jax.model.cache import cache_shardings, init_mtp_cache
+from multidevice import run_report
 
 MESH = AbstractMesh((2, 2, 2, 1), sharding.MESH_AXES)
 
@@ -67,11 +64,7 @@ def test_mtp_cache_takes_the_same_call():
 
 @pytest.fixture(scope="module")
 def report():
-  script = pathlib.Path(__file__).with_name("serve_sharded_check.py")
-  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, check=False,
-                        env={**os.environ, "XLA_FLAGS": ""})
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_report(pathlib.Path(__file__).with_name("serve_sharded_check.py"))
 
 
 @pytest.mark.parametrize("mesh", ["2x2x2x1", "1x2x2x2"])

@@ -5,13 +5,11 @@ parameters, with parameters and optimizer state really sharded. Runs tests/train
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
+
+from multidevice import run_report
 
 SCRIPT = pathlib.Path(__file__).with_name("train_sharded_check.py")
 MESHES = ["2x2x2x1", "1x2x2x2"]
@@ -19,10 +17,7 @@ MESHES = ["2x2x2x1", "1x2x2x2"]
 
 @pytest.fixture(scope="module")
 def report():
-  proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, timeout=900,
-                        env={**os.environ, "XLA_FLAGS": ""})
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  return run_report(SCRIPT, timeout=900)
 
 
 def test_reference_is_one_device(report):
