@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
@@ -132,27 +133,43 @@ def main():
   print(json.dumps(report))
 
 
-def collectives(batch=8, max_len=4096):
-  """The largest operands of each collective in the compiled decode step on the data 2 x fsdp 2 x expert 2 mesh:
-  what cache_shardings' docstring says (no all-gather of the pool; page reads summed across devices)."""
+def collectives(batch=8, max_len=4096, page_shards=False):
+  """{collective op: [result shapes]} of the compiled decode step on the data 2 x fsdp 2 x expert 2 mesh, traced
+  under it as serve.steps does, the cache with one free stack (cache_shardings' docstring: page reads summed
+  across devices, no all-gather of the pool) or with page shards (page reads per device)."""
   import re
 
+  from dsv4_jax.model.cache import mesh_page_shards
   from dsv4_jax.serve.backend import serving_model
   mesh = sharding.make_mesh(2, 2, 2, 1)
   model = sharding.create_sharded(DeepSeekV4, CFG, mesh, seed=0)
   graphdef, params = nnx.split(serving_model(model))
-  cache = shard_cache(model.init_cache(batch, max_len, kv_format="float32", page_tokens=128), mesh)
+  shards = mesh_page_shards(mesh, batch) if page_shards else 1
+  cache = jax.eval_shape(lambda: model.init_cache(batch, max_len, kv_format="float32", page_tokens=128,
+                                                  page_shards=shards))
   sh = cache_shardings(cache, mesh)
-  step = jax.jit(lambda p, c, t: nnx.merge(graphdef, p).decode(t, c), in_shardings=(None, sh, None),
-                 out_shardings=(None, sh), donate_argnums=(1,))
-  text = step.lower(params, cache, jnp.zeros((batch, 1), jnp.int32)).compile().as_text()
-  size = lambda shape: int(np.prod([int(d) for d in re.findall(r"\d+", shape.split("[")[1])] or [1]))
-  print("pool leaves (global shapes):", [a.shape for a in jax.tree.leaves(cache.pools)])
+  cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, sh)
+  body = sharding.traced_under(mesh, lambda p, c, t: nnx.merge(graphdef, p).decode(t, c))
+  step = jax.jit(body, in_shardings=(None, sh, None), out_shardings=(None, sh), donate_argnums=(1,))
+  text = step.lower(params, cache, jax.ShapeDtypeStruct((batch, 1), jnp.int32)).compile().as_text()
+  found = {}
   for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter"):
-    shapes = re.findall(r"= (\w+\[[0-9,]*\])\S* " + op + r"(?:-start)?\(", text)
-    print(f"{op}: {len(shapes)} ops, largest results {sorted(set(shapes), key=size, reverse=True)[:4]}")
+    found[op] = re.findall(r"= (\w+\[[0-9,]*\])\S* " + op + r"(?:-start)?\(", text)
+  return found
+
+
+def size(shape: str) -> int:
+  return int(np.prod([int(d) for d in re.findall(r"\d+", shape.split("[")[1])] or [1]))
+
+
+def print_collectives():
+  for page_shards in (False, True):
+    found = collectives(page_shards=page_shards)
+    print("page shards" if page_shards else "one free stack")
+    for op, shapes in found.items():
+      print(f"  {op}: {len(shapes)} ops, largest results {sorted(set(shapes), key=size, reverse=True)[:4]}")
 
 
 if __name__ == "__main__":
   import sys
-  collectives() if "--collectives" in sys.argv else main()
+  print_collectives() if "--collectives" in sys.argv else main()
