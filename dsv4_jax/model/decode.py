@@ -100,16 +100,16 @@ def _locate(table_BP, entry_BX, per_page: int):
 
 
 def _paged(sc: StepContext, fn, pool_R, r, rows, out_pool: bool):
-  """fn(pool_R, r, page_table_BP, *rows) (page ids -> indices into pool_R already applied to the table: -1 stays
-  -1), per page shard when sc.page_axes says so (rows: arrays with the batch first)."""
+  """fn(pool_R, r, page_table_BP, *rows) (rows: arrays with the batch first), on each device's rows and pages
+  with the table's ids made local (-1 stays -1) when sc.page_axes is set, else as is (GSPMD)."""
   if not sc.page_axes:
     return fn(pool_R, r, sc.page_table_BP, *rows)
-  n = pool_R.shape[1] // math.prod(jax.sharding.get_abstract_mesh().shape[a] for a in sc.page_axes)
+  mesh = jax.sharding.get_abstract_mesh()
+  n = pool_R.shape[1] // math.prod(mesh.shape[a] for a in sc.page_axes)  # pages per shard
 
-  def local(pool_R, r, table_BP, *rows):
+  def local(pool_R, r, table_BP, *rows):  # a slot's pages lie in its shard's range (model.cache)
     return fn(pool_R, r, jnp.where(table_BP >= 0, table_BP % n, -1), *rows)
 
-  mesh = jax.sharding.get_abstract_mesh()
   manual = set(getattr(mesh, "manual_axes", ()))
   pool, batch = P(None, sc.page_axes), P(sc.page_axes)
   return jax.shard_map(local, in_specs=(pool, P(), batch) + (batch,) * len(rows),
