@@ -12,6 +12,12 @@ holding tokens [j·T, (j+1)·T) of slot b (-1 = none). Pages come from a free st
 reallocation; the pool is allocated up front (batch · ceil(max_len / T) pages unless told otherwise). A page
 filled to its end is never written again, so forks share such pages (page_refcounts).
 
+Page shards (page_shards = D, default 1): slots and pages are cut into D equal ranges, and slot b (shard
+b // (batch / D)) takes pages only from its shard's ids [s · num_pages / D, (s+1) · num_pages / D), each shard
+with its own free stack (free_pages [D, num_pages / D], num_free [D]; D = 1 keeps the flat [num_pages] / []
+layout). Sharded over D devices (cache_shardings), a slot's pages then lie on its own device, so a step reads
+and writes them there (dsv4_jax.model.decode, page reads per shard) instead of gathering across devices.
+
 Every per-layer array has a leading axis of the layer stack's repeats (the scanned parameter layout).
 """
 
@@ -55,14 +61,15 @@ class LayerPool:
 class InferenceCache:
   lengths: jax.Array  # [B] int32 tokens held per slot
   page_table: jax.Array  # [B, max_pages] int32, -1 = none
-  free_pages: jax.Array  # [num_pages] int32 stack; entries [0, num_free) are free
-  num_free: jax.Array  # [] int32
+  free_pages: jax.Array  # [num_pages] int32 stack; entries [0, num_free) are free ([D, num_pages/D] per shard)
+  num_free: jax.Array  # [] int32 ([D] per shard)
   overflow: jax.Array  # [] bool: a step ran out of pages or past max_len (its writes were dropped)
   states: tuple  # per stack: tuple per unit position of LayerState
   pools: tuple  # per stack: tuple per unit position of LayerPool
   kv_format: str = dataclasses.field(metadata=dict(static=True), default="fp8")
   page_tokens: int = dataclasses.field(metadata=dict(static=True), default=256)
   max_len: int = dataclasses.field(metadata=dict(static=True), default=0)
+  page_shards: int = dataclasses.field(metadata=dict(static=True), default=1)
 
   @property
   def batch(self) -> int:
@@ -74,7 +81,24 @@ class InferenceCache:
 
   @property
   def num_pages(self) -> int:
-    return self.free_pages.shape[0]
+    return math.prod(self.free_pages.shape)
+
+  @property
+  def shard_pages(self) -> int:
+    """Pages per page shard (num_pages / page_shards)."""
+    return self.num_pages // self.page_shards
+
+  def slot_shard(self, slots_B):
+    """The page shard of each slot id."""
+    return slots_B // (self.batch // self.page_shards)
+
+  def free_stacks(self):
+    """(free_pages [D, num_pages / D], num_free [D]): the per-shard free stacks (views of either layout)."""
+    return self.free_pages.reshape(self.page_shards, -1), self.num_free.reshape(self.page_shards)
+
+  def stacked_like(self, free_DN, num_free_D):
+    """free_stacks-shaped arrays back in this cache's layout (flat for one shard)."""
+    return free_DN.reshape(self.free_pages.shape), num_free_D.reshape(self.num_free.shape)
 
   def replace(self, **changes) -> "InferenceCache":
     return dataclasses.replace(self, **changes)
@@ -93,11 +117,12 @@ def page_unit(cfg) -> int:
 
 
 def init_cache(cfg, plan, batch: int, max_len: int, *, kv_format: str = "fp8", page_tokens: int | None = None,
-               num_pages: int | None = None) -> InferenceCache:
+               num_pages: int | None = None, page_shards: int = 1) -> InferenceCache:
   """An empty cache for `batch` slots of up to `max_len` tokens each (see the module docstring).
 
   plan: the model's layer plan [(unit specs, repeats)]. page_tokens defaults to 256 (a multiple of every
-  ratio); num_pages to batch · ceil(max_len / page_tokens) (no slot can run out).
+  ratio); num_pages to batch · ceil(max_len / page_tokens) (no slot can run out). page_shards: free stacks per
+  shard of slots (must divide batch and num_pages; `mesh_page_shards(mesh, batch)` for a mesh).
   """
   kvf.check_format(kv_format)
   if batch < 1 or max_len < 1:
@@ -110,6 +135,9 @@ def init_cache(cfg, plan, batch: int, max_len: int, *, kv_format: str = "fp8", p
   num_pages = batch * max_pages if num_pages is None else num_pages
   if num_pages < 1:
     raise ValueError(f"num_pages={num_pages} must be >= 1")
+  if page_shards < 1 or batch % page_shards or num_pages % page_shards:
+    raise ValueError(f"page_shards={page_shards} must be >= 1 and divide batch ({batch}) and num_pages "
+                     f"({num_pages})")
   e_width, e_dtype = kvf.entry_width(cfg, kv_format)
   k_width, k_dtype = kvf.key_width(cfg, kv_format)
   ring = min(cfg.sliding_window, max_len)
@@ -127,11 +155,15 @@ def init_cache(cfg, plan, batch: int, max_len: int, *, kv_format: str = "fp8", p
           index_keys=jnp.zeros((R, num_pages, page_tokens // 4, k_width), k_dtype) if m == 4 else None))
     states.append(tuple(st))
     pools.append(tuple(pl))
+  n = num_pages // page_shards  # each stack pops its shard's lowest ids first
+  free_pages = jnp.arange(num_pages, dtype=jnp.int32).reshape(page_shards, n)[:, ::-1]
+  num_free = jnp.full((page_shards,), n, jnp.int32)
+  if page_shards == 1:
+    free_pages, num_free = free_pages.reshape(num_pages), num_free.reshape(())
   return InferenceCache(
       lengths=jnp.zeros((batch,), jnp.int32), page_table=jnp.full((batch, max_pages), -1, jnp.int32),
-      free_pages=jnp.arange(num_pages, dtype=jnp.int32)[::-1], num_free=jnp.asarray(num_pages, jnp.int32),
-      overflow=jnp.asarray(False), states=tuple(states), pools=tuple(pools), kv_format=kv_format,
-      page_tokens=page_tokens, max_len=max_len)
+      free_pages=free_pages, num_free=num_free, overflow=jnp.asarray(False), states=tuple(states),
+      pools=tuple(pools), kv_format=kv_format, page_tokens=page_tokens, max_len=max_len, page_shards=page_shards)
 
 
 class _MTPLayer:
@@ -142,7 +174,7 @@ class _MTPLayer:
 
 
 def init_mtp_cache(cfg, batch: int, max_len: int, *, kv_format: str = "fp8", page_tokens: int | None = None,
-                   num_pages: int | None = None) -> InferenceCache:
+                   num_pages: int | None = None, page_shards: int = 1) -> InferenceCache:
   """An empty cache for the MTP block (speculative decoding): the layout of init_cache for its one layer, one
   stack of one repeat; position t holds the MTP input at t (main streams at t, embedding of token t+1)."""
   if not cfg.mtp_ratios:
@@ -153,29 +185,35 @@ def init_mtp_cache(cfg, batch: int, max_len: int, *, kv_format: str = "fp8", pag
   if ratio and page_tokens is None:
     page_tokens = math.lcm(max(256, page_unit(cfg)), ratio)
   return init_cache(cfg, [((_MTPLayer(ratio),), 1)], batch, max_len, kv_format=kv_format, page_tokens=page_tokens,
-                    num_pages=num_pages)
+                    num_pages=num_pages, page_shards=page_shards)
 
 
-def allocate_pages(cache: InferenceCache, page_table_BP, new_lengths_B):
-  """Pages for rows growing to `new_lengths_B` tokens, popped from the free stack.
+def allocate_pages(cache: InferenceCache, page_table_BP, new_lengths_B, slots_B=None):
+  """Pages for rows growing to `new_lengths_B` tokens, popped from the free stack of each row's page shard.
 
-  Returns (page_table_BP, free_pages, num_free, overflow): rows that cannot get a page (pool exhausted) or grow
-  past max_len keep -1 there (their writes are dropped) and set `overflow`.
+  slots_B: the cache slot of each row (default: row b is slot b); it picks the shard. Returns (page_table_BP,
+  free_pages, num_free, overflow) in the cache's layout: rows that cannot get a page (their shard's stack
+  exhausted) or grow past max_len keep -1 there (their writes are dropped) and set `overflow`.
   """
-  T, P = cache.page_tokens, page_table_BP.shape[1]
+  T, (B, P), D = cache.page_tokens, page_table_BP.shape, cache.page_shards
+  free_DN, num_free_D = cache.free_stacks()
+  slots_B = jnp.arange(B, dtype=jnp.int32) if slots_B is None else slots_B
+  shard_B = cache.slot_shard(slots_B)
   held_B = jnp.sum(page_table_BP >= 0, axis=1).astype(jnp.int32)
   want_B = jnp.minimum(-(-new_lengths_B // T), P)
   need_B = jnp.maximum(want_B - held_B, 0)
-  start_B = jnp.cumsum(need_B) - need_B
+  need_BD = jnp.where(shard_B[:, None] == jnp.arange(D), need_B[:, None], 0)
+  start_B = jnp.take_along_axis(jnp.cumsum(need_BD, axis=0) - need_BD, shard_B[:, None], axis=1)[:, 0]
   j_P = jnp.arange(P, dtype=jnp.int32)
-  k_BP = start_B[:, None] + j_P[None, :] - held_B[:, None]  # rank of the page popped for slot j
+  k_BP = start_B[:, None] + j_P[None, :] - held_B[:, None]  # rank in its shard of the page popped for slot j
   new_BP = (j_P[None, :] >= held_B[:, None]) & (j_P[None, :] < (held_B + need_B)[:, None])
-  stack_BP = cache.num_free - 1 - k_BP
-  popped_BP = jnp.where(stack_BP >= 0, cache.free_pages[jnp.maximum(stack_BP, 0)], -1)
+  stack_BP = num_free_D[shard_B][:, None] - 1 - k_BP
+  popped_BP = jnp.where(stack_BP >= 0, free_DN[shard_B[:, None], jnp.maximum(stack_BP, 0)], -1)
   page_table_BP = jnp.where(new_BP, popped_BP, page_table_BP)
-  total = jnp.sum(need_B)
-  overflow = (total > cache.num_free) | jnp.any(new_lengths_B > cache.max_len)
-  return page_table_BP, cache.free_pages, jnp.maximum(cache.num_free - total, 0), overflow
+  total_D = jnp.sum(need_BD, axis=0)
+  overflow = jnp.any(total_D > num_free_D) | jnp.any(new_lengths_B > cache.max_len)
+  free, num_free = cache.stacked_like(free_DN, jnp.maximum(num_free_D - total_D, 0))
+  return page_table_BP, free, num_free, overflow
 
 
 def page_refcounts(cache: InferenceCache) -> jax.Array:
@@ -214,6 +252,21 @@ def _split_axes(size: int, mesh, axes) -> tuple:
   return tuple(chosen)
 
 
+def mesh_page_shards(mesh, batch: int, axes=CACHE_AXES) -> int:
+  """The page_shards for a cache of `batch` slots on `mesh`: the product of the `axes` that split the slots
+  (init_cache(..., page_shards=...); its default num_pages is then divisible too)."""
+  return math.prod(mesh.shape[a] for a in _split_axes(batch, mesh, axes))
+
+
+def local_page_axes(cache: InferenceCache, mesh, axes=CACHE_AXES) -> tuple:
+  """The mesh axes that split `cache`'s slots and pages into its page shards, one shard per device (so a slot's
+  pages are on its device): () unless page_shards > 1 and these axes' product is exactly page_shards."""
+  if cache.page_shards == 1 or mesh is None or mesh.empty:
+    return ()
+  split = _split_axes(cache.page_shards, mesh, axes)
+  return split if math.prod(mesh.shape[a] for a in split) == cache.page_shards else ()
+
+
 def cache_shardings(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCache:
   """A NamedSharding for every array of `cache` (also of `jax.eval_shape(...)` of one): the pytree to pin as a jitted
   step's cache in / out shardings (dsv4_jax.serve.steps) and to `shard_cache` with.
@@ -227,6 +280,8 @@ def cache_shardings(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCa
     over the axes not listed ("expert", "tensor": V4 attention has one KV head, so nothing to split by head;
     pass axes=dsv4_jax.sharding.BATCH_AXES to also split over "expert").
   A dimension no listed axis divides stays whole, so any cache runs on any mesh (a tiny one ends up replicated).
+  With page_shards > 1 both slots and pages are split over the `axes` whose product divides page_shards, so a
+  slot's page shard lies on its slot's devices (page reads local when the product is page_shards: see below).
 
   Communication this implies (jit inserts it; any sharding gives the same results): pages come from one free
   stack, so a slot's pages lie on any device, not on the device of its state rows. A step reads a slot's entries
@@ -236,8 +291,11 @@ def cache_shardings(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCa
   rows between layouts, never an all-gather of the pool (`python tests/serve_sharded_check.py --collectives`).
   Writes of new entries scatter into the one device holding the page (updates replicated, no exchange). Per-slot
   state rows and the page table are local to their slot's devices; the small gathers/scatters by `slots`
-  (continuous batching) move only those rows. Placing a slot's pages on its own devices (a free stack per
-  shard) would make page reads local; not done.
+  (continuous batching) move only those rows.
+  Page shards (init_cache(..., page_shards=mesh_page_shards(mesh, batch))): a slot's pages come from its own
+  shard's free stack, so they lie on its devices; a step over all slots (decode, prefill without `slots`) then
+  reads and writes the pages inside jax.shard_map with local page ids (dsv4_jax.model.decode), no exchange of
+  gathered rows. Steps on a subset of slots (`slots=`) still read as above.
   The MTP block's own cache (init_mtp_cache) has the same layout and takes the same call.
   """
   from jax.sharding import NamedSharding, PartitionSpec as P
@@ -250,10 +308,11 @@ def cache_shardings(cache: InferenceCache, mesh, axes=CACHE_AXES) -> InferenceCa
     return NamedSharding(mesh, P(*parts))
 
   replicated = lambda a: NamedSharding(mesh, P())
-  slots = lambda a: spec(a, 1, cache.batch)
-  pages = lambda a: spec(a, 1, cache.num_pages)
+  sizes = (cache.batch, cache.num_pages) if cache.page_shards == 1 else (cache.page_shards,) * 2
+  slots = lambda a: spec(a, 1, sizes[0])
+  pages = lambda a: spec(a, 1, sizes[1])
   return cache.replace(
-      lengths=spec(cache.lengths, 0, cache.batch), page_table=spec(cache.page_table, 0, cache.batch),
+      lengths=spec(cache.lengths, 0, sizes[0]), page_table=spec(cache.page_table, 0, sizes[0]),
       free_pages=replicated(cache.free_pages), num_free=replicated(cache.num_free),
       overflow=replicated(cache.overflow), states=jax.tree.map(slots, cache.states),
       pools=jax.tree.map(pages, cache.pools))

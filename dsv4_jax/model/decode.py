@@ -12,6 +12,7 @@ carry (written in place at the layer index).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +20,10 @@ from flax import nnx
 
 from dsv4_jax.model import kv_format as kvf
 from dsv4_jax.model import rope
+from jax.sharding import PartitionSpec as P
+
 from dsv4_jax.model.cache import (CompressorState, InferenceCache, LayerPool, LayerState, allocate_pages,
-                                  scatter_rows, select_rows)
+                                  local_page_axes, scatter_rows, select_rows)
 from dsv4_jax.model.indexer import select_topk_with_scores
 from dsv4_jax.model.options import INFERENCE
 
@@ -41,6 +44,7 @@ class StepContext:
   kv_format: str
   page_tokens: int
   candidates: bool = False  # speculative verification: layers return the state after every chunk prefix
+  page_axes: tuple = ()  # mesh axes splitting rows and pages into page shards: page reads per shard (else global)
   opts = INFERENCE
 
 
@@ -57,7 +61,7 @@ class _CachedBlocks:
 
 
 def make_step_context(cfg, tokens_BS, start_B, count_B, page_table_BP, ring: int, kv_format: str,
-                      page_tokens: int, candidates: bool = False) -> StepContext:
+                      page_tokens: int, candidates: bool = False, page_axes: tuple = ()) -> StepContext:
   S = tokens_BS.shape[1]
   W = cfg.sliding_window
   positions_BS = start_B[:, None] + jnp.arange(S, dtype=jnp.int32)
@@ -71,7 +75,7 @@ def make_step_context(cfg, tokens_BS, start_B, count_B, page_table_BP, ring: int
       rope_plain=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=False)),
       rope_yarn=rope.rope_table(positions_BS, rope.layer_frequencies(cfg, compressed=True)),
       window_BSW=window_BSW.astype(jnp.int32), ring_src_BW=ring_src_BW, ring_new_BW=ring_new_BW,
-      kv_format=kv_format, page_tokens=page_tokens, candidates=candidates)
+      kv_format=kv_format, page_tokens=page_tokens, candidates=candidates, page_axes=page_axes)
 
 
 def _ring_landing(start_B, count_B, ring: int, W: int):
@@ -83,31 +87,65 @@ def _ring_landing(start_B, count_B, ring: int, W: int):
 
 
 # ----- pages ---------------------------------------------------------------------------------------------
-def _locate(sc: StepContext, entry_BX, per_page: int):
+# Page ids are global. With sc.page_axes (rows = all slots, each device holding its rows' page shard: see
+# dsv4_jax.model.cache) the reads and writes run in jax.shard_map, each device on its rows and its pages with
+# local ids (page % pages per shard); GSPMD would instead gather on every device and sum the partial rows.
+def _locate(table_BP, entry_BX, per_page: int):
   """(page id, row in page) of entry indices [B, ...] of each row's sequence (page -1 where none)."""
-  P = sc.page_table_BP.shape[1]
+  P_ = table_BP.shape[1]
   flat = entry_BX.reshape(entry_BX.shape[0], -1)
-  page = jnp.take_along_axis(sc.page_table_BP, jnp.clip(flat // per_page, 0, P - 1), axis=1)
-  page = jnp.where(flat // per_page < P, page, -1)
+  page = jnp.take_along_axis(table_BP, jnp.clip(flat // per_page, 0, P_ - 1), axis=1)
+  page = jnp.where(flat // per_page < P_, page, -1)
   return page.reshape(entry_BX.shape), entry_BX % per_page
+
+
+def _paged(sc: StepContext, fn, pool_R, r, rows, out_pool: bool):
+  """fn(pool_R, r, page_table_BP, *rows) (rows: arrays with the batch first), on each device's rows and pages
+  with the table's ids made local (-1 stays -1) when sc.page_axes is set, else as is (GSPMD)."""
+  if not sc.page_axes:
+    return fn(pool_R, r, sc.page_table_BP, *rows)
+  mesh = jax.sharding.get_abstract_mesh()
+  n = pool_R.shape[1] // math.prod(mesh.shape[a] for a in sc.page_axes)  # pages per shard
+
+  def local(pool_R, r, table_BP, *rows):  # a slot's pages lie in its shard's range (model.cache)
+    return fn(pool_R, r, jnp.where(table_BP >= 0, table_BP % n, -1), *rows)
+
+  manual = set(getattr(mesh, "manual_axes", ()))
+  pool, batch = P(None, sc.page_axes), P(sc.page_axes)
+  return jax.shard_map(local, in_specs=(pool, P(), batch) + (batch,) * len(rows),
+                       out_specs=pool if out_pool else batch,
+                       axis_names=frozenset(a for a in mesh.axis_names if a not in manual),
+                       check_vma=False)(pool_R, r, sc.page_table_BP, *rows)
 
 
 def write_entries(pool_R, r, sc: StepContext, rows_BNE, entry_BN, valid_BN):
   """pool[r] at the pages of entries `entry_BN` <- rows (invalid ones and missing pages dropped)."""
-  page_BN, off_BN = _locate(sc, entry_BN, pool_R.shape[2])
-  page_BN = jnp.where(valid_BN & (page_BN >= 0), page_BN, pool_R.shape[1])
-  return pool_R.at[r, page_BN, off_BN].set(rows_BNE.astype(pool_R.dtype), mode="drop")
+
+  def write(pool_R, r, table_BP, rows_BNE, entry_BN, valid_BN):
+    page_BN, off_BN = _locate(table_BP, entry_BN, pool_R.shape[2])
+    page_BN = jnp.where(valid_BN & (page_BN >= 0), page_BN, pool_R.shape[1])
+    return pool_R.at[r, page_BN, off_BN].set(rows_BNE.astype(pool_R.dtype), mode="drop")
+
+  return _paged(sc, write, pool_R, r, (rows_BNE, entry_BN, valid_BN), out_pool=True)
 
 
 def read_all(pool_R, r, sc: StepContext):
   """Every entry slot of each row's pages (the step's span), in entry order: [B, pages · per_page, E]."""
-  rows = pool_R[r, jnp.maximum(sc.page_table_BP, 0)]
-  return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+  def read(pool_R, r, table_BP):
+    rows = pool_R[r, jnp.maximum(table_BP, 0)]
+    return rows.reshape(rows.shape[0], -1, rows.shape[-1])
+
+  return _paged(sc, read, pool_R, r, (), out_pool=False)
 
 
 def read_entries(pool_R, r, sc: StepContext, entry_BX):
-  page, off = _locate(sc, jnp.maximum(entry_BX, 0), pool_R.shape[2])
-  return pool_R[r, jnp.maximum(page, 0), off]
+
+  def read(pool_R, r, table_BP, entry_BX):
+    page, off = _locate(table_BP, jnp.maximum(entry_BX, 0), pool_R.shape[2])
+    return pool_R[r, jnp.maximum(page, 0), off]
+
+  return _paged(sc, read, pool_R, r, (entry_BX,), out_pool=False)
 
 
 # ----- one layer -----------------------------------------------------------------------------------------
@@ -268,7 +306,7 @@ def _open_step(cfg, cache: InferenceCache, tokens_BS, counts, slots, max_context
   else:
     start_B, page_table, states = cache.lengths[slots], cache.page_table[slots], select_rows(cache.states, slots)
   end_B = start_B + count_B
-  page_table, free_pages, num_free, overflow = allocate_pages(cache, page_table, end_B)
+  page_table, free_pages, num_free, overflow = allocate_pages(cache, page_table, end_B, slots)
   span = cache.max_pages
   if max_context is not None:
     if max_context < 1:
@@ -276,8 +314,10 @@ def _open_step(cfg, cache: InferenceCache, tokens_BS, counts, slots, max_context
     span = min(span, -(-max_context // cache.page_tokens))
     overflow = overflow | jnp.any(end_B > max_context)
   ring = states[0][0].window.shape[2]
+  # Rows = all slots on a mesh cutting them into the cache's page shards: page reads per shard (_paged).
+  page_axes = local_page_axes(cache, jax.sharding.get_abstract_mesh()) if slots is None else ()
   sc = make_step_context(cfg, tokens_BS, start_B, count_B, page_table[:, :span], ring, cache.kv_format,
-                         cache.page_tokens, candidates)
+                         cache.page_tokens, candidates, page_axes)
   return sc, states, (page_table, free_pages, num_free, overflow)
 
 

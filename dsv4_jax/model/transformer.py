@@ -229,18 +229,19 @@ class DeepSeekV4(nnx.Module):
 
   # ----- inference with a cache (spec §8; dsv4_jax.serve.steps has the jitted, donating wrappers) -----------
   def init_cache(self, batch: int, max_len: int, *, kv_format: str | None = None, page_tokens: int | None = None,
-                 num_pages: int | None = None) -> cache_lib.InferenceCache:
+                 num_pages: int | None = None, page_shards: int = 1) -> cache_lib.InferenceCache:
     """An empty InferenceCache of `batch` slots of up to `max_len` tokens (main layers; MTP not cached).
 
     kv_format: "fp8" (spec §8.1 layout), "bf16" or "float32"; default "fp8" for a QAT model
     (cfg.simulate_quant: its entries are already on the FP8/FP4 grids, so storing them is exact), else the
-    activation dtype's lossless format.
+    activation dtype's lossless format. page_shards: a free stack per shard of slots (on a mesh:
+    cache_lib.mesh_page_shards(mesh, batch), so each slot's pages lie on its own devices).
     """
     cfg = self.cfg
     if kv_format is None:
       kv_format = "fp8" if cfg.simulate_quant else ("bf16" if cfg.dtype == "bfloat16" else "float32")
     return cache_lib.init_cache(cfg, self.plan, batch, max_len, kv_format=kv_format, page_tokens=page_tokens,
-                                num_pages=num_pages)
+                                num_pages=num_pages, page_shards=page_shards)
 
   def prefill(self, tokens, cache, lengths=None, *, slots=None, max_context: int | None = None):
     """(logits [B, S, V] float32, cache) after appending tokens [B, S] to the cached sequences.

@@ -11,6 +11,9 @@ sequence only writes entries of its own later tokens), so dst's page table point
 partly filled page (the only one either sequence writes into next) is copied to a fresh page at fork time, and
 the per-slot state rows are copied. A page is shared by as many slots as hold it (model.cache.page_refcounts);
 releasing a slot returns to the free stack only the pages no other slot holds. copy_slot copies every page.
+With page shards (model.cache: a free stack per shard of slots), new pages come from the destination slot's
+shard and a fork into another shard copies every page (a slot never holds another shard's pages); released pages
+return to the stack of the shard they belong to.
 All are jitted with the cache donated: use only the cache they return.
 """
 
@@ -43,12 +46,17 @@ def _empty_rows(states, slot):
 def _release(cache: InferenceCache, slot) -> InferenceCache:
   pages_P = cache.page_table[slot]
   last_P = (pages_P >= 0) & (page_refcounts(cache)[jnp.maximum(pages_P, 0)] == 1)  # held by this slot only
-  rank_P = jnp.cumsum(last_P) - last_P
-  dest_P = jnp.where(last_P, cache.num_free + rank_P, cache.num_pages)  # past the end: dropped
+  free_DN, num_free_D = cache.free_stacks()
+  D, n = free_DN.shape
+  shard_P = jnp.maximum(pages_P, 0) // n  # pushed onto the stack of the page's own shard
+  last_PD = last_P[:, None] & (shard_P[:, None] == jnp.arange(D))
+  rank_P = jnp.sum(jnp.cumsum(last_PD, axis=0) - last_PD, axis=1)
+  dest_P = jnp.where(last_P, num_free_D[shard_P] + rank_P, n)  # past the end: dropped
+  free, num_free = cache.stacked_like(free_DN.at[shard_P, dest_P].set(pages_P, mode="drop"),
+                                      num_free_D + jnp.sum(last_PD, axis=0))
   return cache.replace(
-      free_pages=cache.free_pages.at[dest_P].set(pages_P, mode="drop"), num_free=cache.num_free + jnp.sum(last_P),
-      page_table=cache.page_table.at[slot].set(-1), lengths=cache.lengths.at[slot].set(0),
-      states=_empty_rows(cache.states, slot))
+      free_pages=free, num_free=num_free, page_table=cache.page_table.at[slot].set(-1),
+      lengths=cache.lengths.at[slot].set(0), states=_empty_rows(cache.states, slot))
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
@@ -76,49 +84,58 @@ def _slot_to_slot(body):
   return op
 
 
-def _continue_in(cache, src, dst, dst_P, pools, num_free, overflow) -> InferenceCache:
+def _continue_in(cache, src, dst, dst_P, pools, stacks, overflow) -> InferenceCache:
   """Slot `dst` continues slot `src`: its length and state rows, page-table row `dst_P` (into `pools`)."""
+  free, num_free = stacks
   return cache.replace(
       pools=pools, states=jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), cache.states),
       page_table=cache.page_table.at[dst].set(dst_P), lengths=cache.lengths.at[dst].set(cache.lengths[src]),
-      num_free=num_free, overflow=cache.overflow | overflow)
+      free_pages=free, num_free=num_free, overflow=cache.overflow | overflow)
+
+
+def _copy_pages(cache, src_P, want_P, dst):
+  """Fresh pages from slot `dst`'s shard for the positions `want_P` of page-table row `src_P`, holding copies
+  of src's pages there: (new page ids [P] (-1 where not wanted or none left), pools, free stacks, overflow)."""
+  free_DN, num_free_D = cache.free_stacks()
+  shard = cache.slot_shard(dst)
+  rank_P = jnp.cumsum(want_P) - want_P
+  stack_P = num_free_D[shard] - 1 - rank_P
+  new_P = jnp.where(want_P & (stack_P >= 0), free_DN[shard, jnp.maximum(stack_P, 0)], -1)
+  target_P = jnp.where(new_P >= 0, new_P, cache.num_pages)  # no copy: dropped
+  pools = jax.tree.map(lambda pool: pool.at[:, target_P].set(pool[:, jnp.maximum(src_P, 0)], mode="drop"),
+                       cache.pools)
+  popped = jnp.sum(new_P >= 0).astype(jnp.int32)
+  stacks = cache.stacked_like(free_DN, num_free_D.at[shard].add(-popped))
+  return new_P, pools, stacks, jnp.any(want_P & (new_P < 0))
 
 
 @_slot_to_slot
 def fork_slot(cache: InferenceCache, src, dst) -> InferenceCache:
   """Slot `dst` (released first; must differ from `src`) continues slot `src`'s sequence: same length and state
   rows, src's full pages shared, its partly filled last page copied to a fresh page (copy-on-write, see the
-  module docstring). Sets `overflow` (dst then has no last page: do not use it) if no page is free."""
+  module docstring); with src and dst in different page shards every page is copied (into dst's shard). Sets
+  `overflow` (dst then misses pages: do not use it) if too few pages are free."""
   src_P = cache.page_table[src]
   length = cache.lengths[src]
   full = length // cache.page_tokens  # pages [0, full) are finished: shared
   partial = (length % cache.page_tokens != 0) & (src_P[jnp.minimum(full, cache.max_pages - 1)] >= 0)
-  have = partial & (cache.num_free > 0)
-  new = jnp.where(have, cache.free_pages[jnp.maximum(cache.num_free - 1, 0)], -1)
   j_P = jnp.arange(cache.max_pages, dtype=jnp.int32)
-  dst_P = jnp.where(j_P < full, src_P, jnp.where(j_P == full, new, -1))
-  target = jnp.where(have, new, cache.num_pages)  # no copy: dropped
-  last = jnp.maximum(src_P[jnp.minimum(full, cache.max_pages - 1)], 0)
-  pools = jax.tree.map(lambda pool: pool.at[:, target].set(pool[:, last], mode="drop"), cache.pools)
-  return _continue_in(cache, src, dst, dst_P, pools, cache.num_free - have.astype(jnp.int32), partial & ~have)
+  same = cache.slot_shard(src) == cache.slot_shard(dst)
+  want_P = ((j_P < full) & ~same) | ((j_P == full) & partial)
+  new_P, pools, stacks, overflow = _copy_pages(cache, src_P, want_P, dst)
+  dst_P = jnp.where(want_P, new_P, jnp.where(j_P < full, src_P, -1))
+  return _continue_in(cache, src, dst, dst_P, pools, stacks, overflow)
 
 
 @_slot_to_slot
 def copy_slot(cache: InferenceCache, src, dst) -> InferenceCache:
   """Slot `dst` (released first; must differ from `src`) becomes a full copy of slot `src`: length, state rows,
-  and new pages holding the same entries. Sets `overflow` (copying what fits) if too few pages are free."""
+  and new pages (from dst's page shard) holding the same entries. Sets `overflow` (copying what fits) if too few
+  pages are free."""
   src_P = cache.page_table[src]
-  held = jnp.sum(src_P >= 0)
-  j_P = jnp.arange(cache.max_pages, dtype=jnp.int32)
-  stack_P = cache.num_free - 1 - j_P
-  new_P = jnp.where((j_P < held) & (stack_P >= 0), cache.free_pages[jnp.maximum(stack_P, 0)], -1)
-  target_P = jnp.where(new_P >= 0, new_P, cache.num_pages)
-
-  def copy_pages(pool):
-    return pool.at[:, target_P].set(pool[:, jnp.maximum(src_P, 0)], mode="drop")
-
-  pools = jax.tree.map(copy_pages, cache.pools)
-  return _continue_in(cache, src, dst, new_P, pools, jnp.maximum(cache.num_free - held, 0), held > cache.num_free)
+  want_P = jnp.arange(cache.max_pages, dtype=jnp.int32) < jnp.sum(src_P >= 0)
+  new_P, pools, stacks, overflow = _copy_pages(cache, src_P, want_P, dst)
+  return _continue_in(cache, src, dst, new_P, pools, stacks, overflow)
 
 
 @dataclasses.dataclass(frozen=True)

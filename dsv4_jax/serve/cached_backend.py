@@ -95,7 +95,11 @@ class CachedBackend:
     model = serving_model(model)  # exact MoE (moe_impl "ragged")
     self.cfg = model.cfg
     self._release = release or release_op()
-    self.cache = model.init_cache(num_slots, max_len, **({} if kv_format is None else {"kv_format": kv_format}))
+    kw = {} if kv_format is None else {"kv_format": kv_format}
+    if mesh is not None:  # a free stack per shard of slots: decode reads each slot's pages on its own device
+      from dsv4_jax.model.cache import mesh_page_shards
+      kw["page_shards"] = mesh_page_shards(mesh, num_slots)
+    self.cache = model.init_cache(num_slots, max_len, **kw)
     self._mesh = mesh
     self.cache = self._place(self.cache)
     if mesh is not None:

@@ -15,8 +15,11 @@ Sharded (GSPMD): with the parameters born on a mesh (dsv4_jax.sharding.create_sh
 
   mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
   model = sharding.create_sharded(DeepSeekV4, cfg, mesh)
-  cache = shard_cache(model.init_cache(batch, max_len), mesh)   # dsv4_jax.model.cache
+  cache = shard_cache(model.init_cache(batch, max_len, page_shards=mesh_page_shards(mesh, batch)), mesh)
   decode = make_decode(model, mesh)
+
+(page_shards, dsv4_jax.model.cache: each slot's pages on its own devices, so steps over all slots read them there;
+without it, a step gathers page rows on every device and sums them across devices.)
 
 The compiled step pins the cache's in and out shardings to model.cache.cache_shardings (slots and pages split
 over data × fsdp, see there for the communication), so the cache stays sharded step after step and its buffers
