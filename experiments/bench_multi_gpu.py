@@ -301,7 +301,9 @@ def serve_decode(contexts: list[int], batch: int, steps: int, bw: float, only=No
     for ctx in contexts:
       try:
         max_len = ctx + 256 * -(-(2 * steps + 6) // 256)
-        cache = bench_serve.fill_synthetic(model.init_cache(batch, max_len, kv_format=fmt), cfg, ctx, seed=ctx)
+        shards = 1 if mesh is None else cache_lib.mesh_page_shards(mesh, batch)  # a slot's pages on its device
+        cache = bench_serve.fill_synthetic(model.init_cache(batch, max_len, kv_format=fmt, page_shards=shards),
+                                           cfg, ctx, seed=ctx)
         if mesh is not None:
           cache = cache_lib.shard_cache(cache, mesh)
         step_s, pipe_s, first_s, cache = bench_serve.time_decode(decode, cache, batch, cfg.vocab_size, steps, 3,

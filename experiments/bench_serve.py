@@ -121,19 +121,16 @@ def fill_synthetic(cache: cache_lib.InferenceCache, cfg: ModelConfig, length: in
   """`cache` (fresh from init_cache) as if every slot had been prefilled with `length` tokens.
 
   The cache's current length is `lengths[b]`; the entries of tokens [j·T, (j+1)·T) of slot b live in page
-  `page_table[b, j]`, taken from the free stack `free_pages[:num_free]`. Here slot b gets pages
-  b·n .. b·n + n - 1 (n = ceil(length / T)), the stack keeps the rest, and every window ring, compressor tail
-  and page holds random entries packed in the cache's format (pages of all slots, used or not).
+  `page_table[b, j]`, popped from its page shard's free stack by `cache.allocate_pages` (as a prefill would),
+  and every window ring, compressor tail and page holds random entries packed in the cache's format (pages of
+  all slots, used or not).
   """
-  B, T, P = cache.batch, cache.page_tokens, cache.max_pages
-  n = -(-length // T)
-  if length > cache.max_len or B * n > cache.num_pages:
+  B, T = cache.batch, cache.page_tokens
+  table, free_pages, num_free, overflow = cache_lib.allocate_pages(  # from each slot's page shard, as prefill does
+      cache, cache.page_table, jnp.full((B,), length, jnp.int32))
+  if length > cache.max_len or bool(overflow):
     raise ValueError(f"fill_synthetic: {length} tokens × {B} slots do not fit (max_len {cache.max_len}, "
-                     f"{cache.num_pages} pages of {T})")
-  table = np.full((B, P), -1, np.int32)
-  table[:, :n] = np.arange(B * n, dtype=np.int32).reshape(B, n)
-  free = np.arange(B * n, cache.num_pages, dtype=np.int32)[::-1]
-  free_pages = np.concatenate([free, np.arange(B * n, dtype=np.int32)])
+                     f"{cache.num_pages} pages of {T} in {cache.page_shards} shard(s))")
   fmt, c, rd = cache.kv_format, cfg.head_dim, cfg.qk_rope_head_dim
   entry = lambda k, lead: _random_rows(k, lead, lambda x: kvf.pack_entries(x, rd, fmt), c)
   index_key = lambda k, lead: _random_rows(k, lead, lambda x: kvf.pack_keys(x, fmt), cfg.index_head_dim)
@@ -153,9 +150,8 @@ def fill_synthetic(cache: cache_lib.InferenceCache, cfg: ModelConfig, length: in
       entries=None if pl.entries is None else entry(next(keys), pl.entries.shape[:-1]),
       index_keys=None if pl.index_keys is None else index_key(next(keys), pl.index_keys.shape[:-1]))
       for pl in stack) for stack in cache.pools)
-  return cache.replace(lengths=jnp.full((B,), length, jnp.int32), page_table=jnp.asarray(table),
-                       free_pages=jnp.asarray(free_pages), num_free=jnp.asarray(len(free), jnp.int32),
-                       overflow=jnp.asarray(False), states=states, pools=pools)
+  return cache.replace(lengths=jnp.full((B,), length, jnp.int32), page_table=table, free_pages=free_pages,
+                       num_free=num_free, overflow=overflow, states=states, pools=pools)
 
 
 # ----- floors --------------------------------------------------------------------------------------------
