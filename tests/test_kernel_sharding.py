@@ -37,6 +37,7 @@ from multidevice import run_checks, run_report  # noqa: E402
 from dsv4_jax.model import kernel_sharding  # noqa: E402
 from pallas_kernels.compress import block_slots  # noqa: E402
 
+OLD_INTERPRETER = tuple(int(x) for x in jax.__version__.split(".")[:2]) < (0, 11)  # see check_tpu_interpret
 MESHES = {"2x2x2x1": (2, 2, 2, 1), "1x2x1x4": (1, 2, 1, 4), "2x1x1x4": (2, 1, 1, 4)}
 OPS = ("sparse_attention", "indexer_topk", "compress")
 B = 8
@@ -186,7 +187,11 @@ def check_ops(report):
 
 def check_tpu_interpret(report):
   """sparse_attention with the TPU kernel (interpret mode) wrapped, against the plain reference; and the plain TPU
-  call under the same mesh (GSPMD cannot split the kernel: it gathers)."""
+  call under the same mesh (GSPMD cannot split the kernel: it gathers). Not on jax < 0.11: there the TPU
+  interpreter's cross-device barrier deadlocks under shard_map on CPU devices (seen with jax 0.10.2)."""
+  if OLD_INTERPRETER:
+    report["tpu"] = {"skipped": f"jax {jax.__version__}: the TPU interpreter deadlocks across CPU devices"}
+    return
   mesh = sharding.make_mesh(*MESHES["2x1x1x4"])  # batch over data, heads over tensor
   case = make_case("sparse_attention", impl="tpu")
   y, g, hlo, manual, seen = run_on_mesh(case, mesh, force=False)
@@ -305,6 +310,8 @@ def test_tpu_kernel_per_shard(report):
   """implementation="tpu" (interpret mode) is wrapped without force(): per shard on 2x1x1x4, the reference's
   values and gradients."""
   r = report["tpu"]
+  if "skipped" in r:
+    pytest.skip(r["skipped"])
   assert r["out"] < 1e-4 and r["grads"] < 1e-4, r
   assert r["all_gather"] == 0 and r["manual"], r
   assert r["seen"][-1] == [4, 8, 1, 64], r  # q's shard: B 8 / data 2, H 4 / tensor 4
@@ -312,6 +319,8 @@ def test_tpu_kernel_per_shard(report):
 
 def test_plain_kernel_under_gspmd_gathers(report):
   """What the wrapper removes: the unwrapped kernel under the same mesh gathers its operands."""
+  if "skipped" in report["tpu"]:
+    pytest.skip(report["tpu"]["skipped"])
   assert report["tpu"]["unwrapped_all_gather"] > 0
 
 
