@@ -29,7 +29,6 @@ import argparse
 import datetime
 import glob
 import json
-import math
 import os
 import platform
 import shlex
@@ -62,6 +61,7 @@ from dsv4_jax.train import step as step_lib  # noqa: E402
 import bench_serve  # noqa: E402  (experiments/)
 import bench_train  # noqa: E402
 import timing  # noqa: E402
+from reporting import without_options  # noqa: E402
 
 GiB = 2 ** 30
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -452,19 +452,6 @@ def write_report(out_dir: str) -> str:
   return text
 
 
-def _without_out(argv: list[str]) -> list[str]:
-  """argv without --out DIR (a machine's scratch path is no part of the command to reproduce)."""
-  out, skip = [], False
-  for a in argv:
-    if skip:
-      skip = False
-    elif a == "--out":
-      skip = True
-    elif not a.startswith("--out="):
-      out.append(a)
-  return out
-
-
 # ----- main -----------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -506,7 +493,7 @@ def main(argv=None) -> int:
   env = dict(date=datetime.date.today().isoformat(), devices=f"{n} × {dev.device_kind}", jax=jax.__version__,
              python=platform.python_version(), matmul=mm, bw=bw,
              command=shlex.join(["python", "experiments/bench_multi_gpu.py"]
-                                + _without_out(sys.argv[1:] if argv is None else argv)))
+                                + without_options(sys.argv[1:] if argv is None else argv)))
   os.makedirs(args.out, exist_ok=True)
 
   def save(key: str, r: dict) -> None:

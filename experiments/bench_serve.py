@@ -63,6 +63,7 @@ from dsv4_jax.serve.cache import cache_bytes  # noqa: E402
 from dsv4_jax.serve.steps import make_decode, make_prefill  # noqa: E402
 
 import timing  # noqa: E402  (experiments/timing.py)
+from reporting import without_options  # noqa: E402
 
 GiB = 2 ** 30
 
@@ -414,19 +415,6 @@ def verdict(r: dict) -> str:
 
 
 # ----- main ----------------------------------------------------------------------------------------------
-def _without_out(argv) -> list[str]:
-  """argv less `--out DIR` (the reproduce line names the measurement, not where it was written)."""
-  out, skip = [], False
-  for a in argv:
-    if skip or a.startswith("--out="):
-      skip = False
-      continue
-    skip = a == "--out"
-    if not skip:
-      out.append(a)
-  return out
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -469,7 +457,7 @@ def main(argv=None) -> int:
            flax=__import__("flax").__version__, python=platform.python_version(),
            schedule=", ".join({0: "SWA", 4: "CSA", 128: "HCA"}[x] for x in cfg.main_ratios),
            command=" ".join(["python experiments/bench_serve.py"]
-                            + _without_out(sys.argv[1:] if argv is None else argv)))
+                            + without_options(sys.argv[1:] if argv is None else argv)))
 
   copy_bytes = (64 << 20) if small else (2 << 30)  # 2^30 bf16 elements: well past L2 (60 MB), under int32 counts
   r["copy_gib"] = copy_bytes / GiB

@@ -59,6 +59,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_serve import bench_config, fill_synthetic, log, time_decode  # noqa: E402
+from reporting import without_options  # noqa: E402
 
 
 # ----- HLO text: instructions, their metadata and the stack-frame table ----------------------------------
@@ -851,8 +852,8 @@ def main(argv=None) -> int:
            context=ctx, batch=B, max_context=max_len, steps=args.steps, warmup=args.warmup,
            wall=dict(step_us=step_s * 1e6, pipelined_us=pipe_s * 1e6, first_s=first_s),
            profiled_step_us=statistics.median(walls) * 1e6, trace=path, trace_info=info, attribution=a,
-           notes=notes, command=" ".join(["python experiments/profile_decode.py"] + _without_out(
-               sys.argv[1:] if argv is None else argv)))
+           notes=notes, command=" ".join(["python experiments/profile_decode.py"] + without_options(
+               sys.argv[1:] if argv is None else argv, ("--out", "--trace-dir"))))
   os.makedirs(args.out, exist_ok=True)
   md = os.path.join(args.out, "decode_profile.md")
   text = write_report(md, r)
@@ -861,18 +862,6 @@ def main(argv=None) -> int:
   print(text, flush=True)
   log(f"wrote {md} (+ .json); total {time.perf_counter() - t_start:.0f} s")
   return 0
-
-
-def _without_out(argv) -> list[str]:
-  out, skip = [], False
-  for a in argv:
-    if skip or a.startswith(("--out=", "--trace-dir=")):
-      skip = False
-      continue
-    skip = a in ("--out", "--trace-dir")
-    if not skip:
-      out.append(a)
-  return out
 
 
 if __name__ == "__main__":

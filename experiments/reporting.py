@@ -1,6 +1,21 @@
-"""Pieces shared by the report writers of the accounting experiments (claims.py, kv_cache_measured.py)."""
+"""Pieces shared by the experiments' report writers (claims.py, kv_cache_measured.py; the reproduce lines of
+bench_serve.py, bench_multi_gpu.py, profile_decode.py)."""
 
 from __future__ import annotations
+
+
+def without_options(argv, options=("--out",)) -> list[str]:
+  """argv less each `OPTION VALUE` / `OPTION=VALUE` of `options`: a reproduce line names the measurement, not the
+  scratch paths it was written to."""
+  out, skip = [], False
+  for a in argv:
+    if skip or a.startswith(tuple(o + "=" for o in options)):
+      skip = False
+      continue
+    skip = a in options
+    if not skip:
+      out.append(a)
+  return out
 
 
 def context_label(context: int) -> str:
