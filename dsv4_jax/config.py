@@ -23,7 +23,7 @@ RATIO_TO_KIND: dict[int, LayerKind] = {0: "swa", 4: "csa", 128: "hca"}
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("reference", "tpu", "gpu", "auto")
-MOE_IMPLS = ("auto", "ragged", "capacity", "alltoall")
+MOE_IMPLS = ("auto", "ragged", "capacity", "alltoall", "exact")
 EXPERT_DTYPES = (None, "fp4", "fp8")
 WEIGHT_QUANTS = (None, "fp8")
 # The official FP8 format of the non-expert weights (config.json `quantization_config`).
@@ -99,7 +99,9 @@ class ModelConfig:
   # "capacity" = einsum over [experts, capacity, d] buffers, tokens past an expert's capacity dropped (fast on
   # GPU), "alltoall" = expert parallel: capacity buffers sent over the mesh's "expert" axis with all_to_all to
   # the device holding the expert (dsv4_jax/model/moe_alltoall.py; needs a jax.set_mesh context, else it is
-  # the capacity path), "auto" = capacity on GPU, ragged elsewhere.
+  # the capacity path), "exact" = no drops: capacity einsums with capacity = tokens for steps of few tokens
+  # (moe.EXACT_CAPACITY_MAX_TOKENS; faster than ragged at decode batches on GPU), ragged for longer ones
+  # (serving uses it), "auto" = capacity on GPU, ragged elsewhere.
   moe_impl: str = "auto"
   # The official code's float32 matmuls (output head, compressor projections). False: operands in `dtype`
   # with float32 accumulation, much faster on GPUs (float32 matmul runs at a fraction of bf16) for training.

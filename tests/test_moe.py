@@ -201,8 +201,55 @@ def test_capacity_path_drops_overflow_in_token_order():
   np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
 
 
+def _exact_vs_ragged(T, experts_TK, weights_TK, monkeypatch, want_path):
+  """(moe_impl "exact" output, ragged output, plain capacity output) of one set of weights, asserting which
+  matmul path "exact" ran."""
+  cfg = CFG.replace(moe_impl="exact")
+  layer = moe.RoutedExperts(cfg, rngs=nnx.Rngs(11))
+  x = jnp.asarray(random((T, D), 12, 8.0))
+  w, e = jnp.asarray(weights_TK), jnp.asarray(experts_TK)
+  ran = []
+  for name in ("capacity_matmuls", "ragged_matmuls"):
+    def spy(self, *a, _orig=getattr(moe.RoutedExperts, name), _name=name, **k):
+      ran.append((_name, k.get("capacity")))
+      return _orig(self, *a, **k)
+    monkeypatch.setattr(moe.RoutedExperts, name, spy)
+  got = np.asarray(layer(x, w, e))
+  assert ran == [want_path]
+  monkeypatch.undo()
+  ragged = np.asarray(layer.ragged_matmuls(x, w, e))
+  plain = np.asarray(moe.RoutedExperts.capacity_matmuls(layer, x, w, e))  # C from the factor: may drop
+  return got, ragged, plain
+
+
+@pytest.mark.parametrize("T", [1, 24, moe.EXACT_CAPACITY_MAX_TOKENS, moe.EXACT_CAPACITY_MAX_TOKENS + 8])
+@pytest.mark.parametrize("routing", ["random", "one expert takes all"])
+def test_exact_path_equals_ragged(T, routing, monkeypatch):
+  """moe_impl "exact": capacity einsums with C = T up to the threshold, ragged above; never drops (one expert
+  taking every token would overflow the plain capacity path's C = ceil(1.25 · T · k / E))."""
+  experts_TK, weights_TK = _assignments(T, 13)
+  if routing != "random":
+    experts_TK[:, 0] = 3
+    experts_TK[:, 1] = np.random.default_rng(14).integers(4, E, T)  # distinct from 3
+  small = T <= moe.EXACT_CAPACITY_MAX_TOKENS
+  got, ragged, plain = _exact_vs_ragged(T, experts_TK, weights_TK, monkeypatch,
+                                        ("capacity_matmuls", T) if small else ("ragged_matmuls", None))
+  assert np.abs(ragged).max() > 0
+  np.testing.assert_allclose(got, ragged, rtol=1e-5, atol=1e-5 * np.abs(ragged).max())
+  if routing != "random" and T > 1:
+    assert not np.allclose(plain, ragged, rtol=1e-3, atol=1e-3 * np.abs(ragged).max())  # the drops it avoids
+
+
+def test_capacity_override_is_validated():
+  layer = moe.RoutedExperts(CFG, rngs=nnx.Rngs(11))
+  experts_TK, weights_TK = _assignments(4, 15)
+  with pytest.raises(ValueError, match="capacity"):
+    layer.capacity_matmuls(jnp.asarray(X[:4]), jnp.asarray(weights_TK), jnp.asarray(experts_TK), capacity=0)
+
+
 def test_moe_impl_validation():
   with pytest.raises(ValueError, match="moe_impl"):
     CFG.replace(moe_impl="dense")
+  assert CFG.replace(moe_impl="exact").moe_impl == "exact"
   with pytest.raises(ValueError, match="moe_capacity_factor"):
     CFG.replace(moe_capacity_factor=0.0)

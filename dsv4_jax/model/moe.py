@@ -73,8 +73,16 @@ def router_stats(scores_BSE, experts_BSK, n_experts: int):
   return load_E, balance
 
 
+# moe_impl "exact": steps of at most this many tokens (decode batches, MTP verification) run the capacity
+# einsums with C = T, the rest the ragged path. The E·T buffer rows cost 2·T FLOPs per (bf16) expert weight
+# read, below the H200's ~200 FLOP/byte ridge for T <= 128: free while the step is bound by reading expert
+# weights; for long prompts the E/k-fold extra work is not.
+EXACT_CAPACITY_MAX_TOKENS = 128
+
+
 class RoutedExperts(nnx.Module):
-  """E SwiGLU experts applied with a grouped (ragged) matmul over rows sorted by expert."""
+  """E SwiGLU experts: a grouped (ragged) matmul over rows sorted by expert, or einsums over per-expert capacity
+  buffers (cfg.moe_impl picks; "exact" picks by the step's token count)."""
 
   def __init__(self, cfg, *, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -86,6 +94,11 @@ class RoutedExperts(nnx.Module):
 
   def __call__(self, x_TD, weights_TK, experts_TK):
     impl = moe_impl(self.cfg)
+    if impl == "exact":
+      T = x_TD.shape[0]
+      if T <= EXACT_CAPACITY_MAX_TOKENS:
+        return self.capacity_matmuls(x_TD, weights_TK, experts_TK, capacity=T)
+      return self.ragged_matmuls(x_TD, weights_TK, experts_TK)
     if impl == "alltoall":
       return self.alltoall_matmuls(x_TD, weights_TK, experts_TK)
     if impl == "capacity":
@@ -119,8 +132,9 @@ class RoutedExperts(nnx.Module):
     y_RD = jax.lax.ragged_dot(h_RF, self.w2[...].astype(dt), group_sizes)
     return jnp.zeros((T, D), jnp.float32).at[token_of_row].add(y_RD.astype(jnp.float32))
 
-  def capacity_matmuls(self, x_TD, weights_TK, experts_TK):
-    """Each expert gets a buffer of C = ceil(factor · T · k / E) rows; batched einsums over [E, C, D].
+  def capacity_matmuls(self, x_TD, weights_TK, experts_TK, capacity: int | None = None):
+    """Each expert gets a buffer of C = ceil(factor · T · k / E) rows (`capacity` overrides C); batched einsums
+    over [E, C, D].
 
     Assignments past an expert's capacity are dropped (in token order), the usual training trade-off; with
     C >= T every assignment fits and the result equals the ragged path.
@@ -129,7 +143,9 @@ class RoutedExperts(nnx.Module):
     T, D = x_TD.shape
     K = experts_TK.shape[1]
     E = cfg.n_routed_experts
-    C = moe_capacity(cfg, T)
+    C = moe_capacity(cfg, T) if capacity is None else capacity
+    if C < 1:
+      raise ValueError(f"capacity_matmuls: capacity = {C} rows per expert must be >= 1")
     dt = x_TD.dtype
     flat_experts = experts_TK.reshape(-1)
     order = jnp.argsort(flat_experts, stable=True)
