@@ -12,6 +12,7 @@ import pytest
 
 from dsv4_jax.model import kv_format as kvf
 from dsv4_jax.model import quant
+from pallas_kernels.paged_index_scores import fp4
 
 # e2m1 code -> value, sign in bit 3 (code 8 is -0.0), written out independently of quant.FP4_E2M1_VALUES.
 E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float64)
@@ -73,7 +74,7 @@ def assert_bits_equal(got, want):
 
 
 def test_e2m1_decode_is_the_table():
-  got = np.asarray(kvf._e2m1_value(jnp.arange(16, dtype=jnp.uint8)))
+  got = np.asarray(fp4.e2m1_value(jnp.arange(16, dtype=jnp.uint8)))
   np.testing.assert_array_equal(got.view(np.uint32), E2M1.astype(np.float32).view(np.uint32))
   np.testing.assert_array_equal(got.view(np.uint32), quant.FP4_E2M1_VALUES.view(np.uint32))
 

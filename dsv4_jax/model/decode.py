@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
+
 from dsv4_jax.model import kv_format as kvf
 from dsv4_jax.model import rope
 from jax.sharding import PartitionSpec as P
@@ -25,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 from dsv4_jax.model.cache import (CompressorState, InferenceCache, LayerPool, LayerState, allocate_pages,
                                   local_page_axes, scatter_rows, select_rows)
 from dsv4_jax.model.indexer import select_topk_with_scores
+from pallas_kernels.indexer_topk.reference import top_visible
 from dsv4_jax.model.options import INFERENCE
 
 
@@ -139,6 +142,18 @@ def read_all(pool_R, r, sc: StepContext):
   return _paged(sc, read, pool_R, r, (), out_pool=False)
 
 
+def read_index_scores(keys_R, r, sc: StepContext, q_BSHC, w_BSH, impl: str):
+  """Index scores [B, S, pages · per_page] of every packed (fp8 format) indexer key in each row's pages."""
+
+  def scores(keys_R, r, table_BP, q_BSHC, w_BSH):
+    R, n_pages = keys_R.shape[:2]
+    table_BP = jnp.where(table_BP >= 0, table_BP + r * n_pages, -1)  # pages of all repeats as one pool
+    return pallas_kernels.paged_index_scores(q_BSHC, w_BSH, keys_R.reshape(R * n_pages, *keys_R.shape[2:]),
+                                             table_BP, implementation=impl)
+
+  return _paged(sc, scores, keys_R, r, (q_BSHC, w_BSH), out_pool=False)
+
+
 def read_entries(pool_R, r, sc: StepContext, entry_BX):
 
   def read(pool_R, r, table_BP, entry_BX):
@@ -232,12 +247,27 @@ def _index_step(indexer, x_BSD, qr_BSQ, sc, state: LayerState, pool: LayerPool, 
   state = dataclasses.replace(state, index_compressor=CompressorState(kv_st, score_st))
   keys_R = write_entries(pool.index_keys, r, sc, kvf.pack_keys(keys_BNC, fmt), block_BN, valid_BN)
   pool = dataclasses.replace(pool, index_keys=keys_R)
-  k_BNC = kvf.unpack_keys(read_all(keys_R, r, sc), cfg.index_head_dim, fmt, x_BSD.dtype)
   q_BSHC = indexer.queries(qr_BSQ, sc)
+  w_BSH = indexer.head_weights(x_BSD)
   k = min(cfg.index_topk, n_all)
-  picks_BSK, _ = select_topk_with_scores(q_BSHC, k_BNC, indexer.head_weights(x_BSD), _CachedBlocks(4, n_all),
-                                         sc.positions_BS, k, offset=0)
+  if fmt == "fp8":  # score the packed keys where they lie (pallas_kernels.paged_index_scores)
+    scores_BSN = read_index_scores(keys_R, r, sc, q_BSHC, w_BSH, _paged_scores_impl(cfg, sc))
+    picks_BSK, _ = top_visible(scores_BSN, _CachedBlocks(4, n_all).visible_BCN(None, sc.positions_BS), k)
+    return picks_BSK, state, pool
+  k_BNC = kvf.unpack_keys(read_all(keys_R, r, sc), cfg.index_head_dim, fmt, x_BSD.dtype)
+  picks_BSK, _ = select_topk_with_scores(q_BSHC, k_BNC, w_BSH, _CachedBlocks(4, n_all), sc.positions_BS, k,
+                                         offset=0)
   return picks_BSK, state, pool
+
+
+def _paged_scores_impl(cfg, sc: StepContext) -> str:
+  """paged_index_scores' implementation: its GPU kernel ("auto") where the config asks for kernels, unless a
+  mesh without page shards is in context (GSPMD cannot split a Mosaic kernel; the reference it can)."""
+  if cfg.attention_impl not in ("auto", "gpu"):
+    return "reference"
+  if not sc.page_axes and not jax.sharding.get_abstract_mesh().empty:
+    return "reference"
+  return "auto"
 
 
 def block_step(block, h_BSND, sc: StepContext, state: LayerState, pool: LayerPool, r):

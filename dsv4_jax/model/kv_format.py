@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from dsv4_jax.model import quant
+from pallas_kernels.paged_index_scores import fp4
 
 KV_FORMATS = ("fp8", "bf16", "float32")
 FP8_BLOCK = 64  # NoPE values per ue8m0 scale
-FP4_BLOCK = 32  # indexer-key values per ue8m0 scale
+FP4_BLOCK = fp4.BLOCK  # indexer-key values per ue8m0 scale
 
 
 def check_format(kv_format: str) -> None:
@@ -50,10 +51,6 @@ def _ue8m0_byte(scale):
   """Biased exponent byte of an exact power-of-two float32 scale."""
   bits = jax.lax.bitcast_convert_type(scale.astype(jnp.float32), jnp.int32)
   return ((bits >> 23) & 0xFF).astype(jnp.uint8)
-
-
-def _ue8m0_value(byte):
-  return jax.lax.bitcast_convert_type(byte.astype(jnp.int32) << 23, jnp.float32)
 
 
 def _block_scales(x_NB, max_value: float, floor: float):
@@ -92,7 +89,7 @@ def unpack_entries(rows, head_dim: int, rope_dim: int, kv_format: str, dtype):
   nope = head_dim - rope_dim
   n_scales = nope // FP8_BLOCK
   q = jax.lax.bitcast_convert_type(rows[..., :nope], jnp.float8_e4m3fn).astype(jnp.float32)
-  scale = _ue8m0_value(rows[..., nope + 2 * rope_dim:nope + 2 * rope_dim + n_scales])
+  scale = fp4.ue8m0_value(rows[..., nope + 2 * rope_dim:nope + 2 * rope_dim + n_scales])
   nope_vals = (q.reshape(*lead, n_scales, FP8_BLOCK) * scale[..., None]).reshape(*lead, nope)
   rope_pairs = rows[..., nope:nope + 2 * rope_dim].reshape(*lead, rope_dim, 2).astype(jnp.uint32)
   rope_vals = _bf16_bits_value(rope_pairs[..., 0] | (rope_pairs[..., 1] << 8))  # little-endian bf16
@@ -127,29 +124,9 @@ def pack_keys(x, kv_format: str):
   return jnp.concatenate([packed, _ue8m0_byte(scale_N1[..., 0])], axis=-1)
 
 
-def _e2m1_value(code):
-  """float32 value of e2m1 codes (uint8, 0..15): bit 3 sign, bits 1-2 exponent (bias 1), bit 0 mantissa.
-
-  Arithmetic rather than a table lookup (a gather, which a fused matmul cannot take into its operand); equals
-  quant.FP4_E2M1_VALUES bit for bit, -0.0 for code 8 included. 2|v| is an integer: m for exponent 0 (subnormal),
-  (2 + m) << (e - 1) otherwise.
-  """
-  e, m = (code >> 1) & 3, code & 1
-  twice = jnp.where(e == 0, m, (m + 2) << (jnp.maximum(e, 1) - 1))
-  return twice.astype(jnp.float32) * jnp.where((code & 8) != 0, jnp.float32(-0.5), jnp.float32(0.5))
-
-
 def unpack_keys(rows, index_dim: int, kv_format: str, dtype):
-  """Storage rows -> indexer keys [..., index_dim] in `dtype`.
-
-  Elementwise on the bytes (no table gather, no stack), so XLA can fuse the dequantization into the score
-  matmul's operand instead of writing the keys out in `dtype` first.
-  """
+  """Storage rows -> indexer keys [..., index_dim] in `dtype` (fp8 format: the MXFP4 rows that
+  pallas_kernels.paged_index_scores reads; decoded by its fp4.unpack, elementwise on the bytes)."""
   if kv_format != "fp8":
     return rows.astype(dtype)
-  lead = rows.shape[:-1]
-  half, n_scales = index_dim // 2, index_dim // FP4_BLOCK
-  nibble_shift = jnp.array([0, 4], jnp.uint8)  # low nibble = even dim
-  codes = ((rows[..., :half, None] >> nibble_shift) & 0x0F).reshape(*lead, n_scales, FP4_BLOCK)
-  scale = _ue8m0_value(rows[..., half:half + n_scales])
-  return (_e2m1_value(codes) * scale[..., None]).reshape(*lead, index_dim).astype(dtype)
+  return fp4.unpack(rows, index_dim, dtype)

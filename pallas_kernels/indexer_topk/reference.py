@@ -29,6 +29,14 @@ def index_scores(q_BCHD, k_BND, w_BCH):
   return jnp.einsum("BCHN,BCH->BCN", jax.nn.relu(logits_BCHN), w_BCH.astype(jnp.float32), precision="highest")
 
 
+def top_visible(scores_BCN, visible_BCN, k: int):
+  """(indices [B, C, k] int32 of the k visible entries of highest score, best first, ties to the lower index;
+  -1 past the visible ones; their scores, -inf where -1)."""
+  top, idx = jax.lax.top_k(jnp.where(visible_BCN, scores_BCN, -jnp.inf), k)
+  chosen = jnp.take_along_axis(visible_BCN, idx, axis=-1)
+  return jnp.where(chosen, idx, -1).astype(jnp.int32), jnp.where(chosen, top, -jnp.inf)
+
+
 def default_query_chunk(B, S, H, N, budget: int = SCORE_BUDGET):
   return max(1, min(S, budget // max(1, B * H * N)))
 
@@ -45,10 +53,7 @@ def indexer_topk_reference(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int,
   @jax.checkpoint
   def chunk(q, w, lo_BC, hi_BC):
     vis_BCN = (n_N >= lo_BC[..., None]) & (n_N < hi_BC[..., None])
-    scores_BCN = jnp.where(vis_BCN, index_scores(q, k_BND, w), -jnp.inf)
-    top, idx = jax.lax.top_k(scores_BCN, k)
-    chosen = jnp.take_along_axis(vis_BCN, idx, axis=-1)
-    return jnp.where(chosen, idx, -1).astype(jnp.int32), jnp.where(chosen, top, -jnp.inf)
+    return top_visible(index_scores(q, k_BND, w), vis_BCN, k)
 
   size = query_chunk or default_query_chunk(B, S, H, N)
   if size >= S:
