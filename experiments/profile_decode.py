@@ -254,7 +254,13 @@ def model_component(frames: list[Frame], op: HloOp) -> str | None:
     return "sampling"
   if _has(fn, "Attention.attend", "sparse_attention", "_attend_chunk"):
     return "attention: core (sparse attention)"
-  if _has(fn, "indexer_topk", "select_topk", "index_scores"):
+  if _has(fn, "top_visible"):
+    return "indexer: top-k"
+  if _has(fn, "paged_index_scores_gpu"):
+    return "indexer: scores (paged FP4 kernel)"
+  if _has(fn, "gather_keys"):
+    return "cache: dequant (unpack entries/keys)"
+  if _has(fn, "indexer_topk", "select_topk", "index_scores", "paged_index_scores", "read_index_scores"):
     if "index_scores" in fn or any("index_scores" in f.text() for f in frames if f.func.startswith("indexer_topk")):
       return "indexer: scores (q·k, relu, head weights)"
     return "indexer: top-k"
