@@ -7,6 +7,8 @@ sigmoid-weighted sum (pre), and leave as `post[k]·F + Σ_j comb[j, k]·res[j]` 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -14,16 +16,83 @@ from flax import nnx
 from dsv4_jax.model.common import param, rms_normalize
 
 
-def sinkhorn(logits_NN, iters: int, eps: float):
-  """Doubly-stochastic projection of exp(logits) as the official kernel does it (row softmax first)."""
-  comb = jax.nn.softmax(logits_NN, axis=-1) + eps
-  comb = comb / (jnp.sum(comb, axis=-2, keepdims=True) + eps)
+def _total(terms):
+  """Left-to-right sum of a list of same-shaped arrays (an unrolled reduction: elementwise ops only)."""
+  out = terms[0]
+  for t in terms[1:]:
+    out = out + t
+  return out
+
+
+def _normalize_rows(c, eps):
+  """c[i][j] / (Σ_j c[i][j] + eps), as a product with one reciprocal per row (the rewrite XLA makes anyway)."""
+  out = []
+  for row in c:
+    r = 1.0 / (_total(row) + eps)
+    out.append([v * r for v in row])
+  return out
+
+
+def _normalize_cols(c, eps):
+  """c[i][j] / (Σ_i c[i][j] + eps), one reciprocal per column."""
+  r = [1.0 / (_total([row[k] for row in c]) + eps) for k in range(len(c[0]))]
+  return [[v * r_k for v, r_k in zip(row, r)] for row in c]
+
+
+def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
+  """The forward of `sinkhorn`: n·n arrays of the batch shape, sums written out, iterations unrolled."""
+  n = logits_NN.shape[-1]
+  c = []
+  for i in range(n):  # row softmax; the max is a constant shift of the row, so it carries no gradient
+    row = [logits_NN[..., i, j] for j in range(n)]
+    top = jax.lax.stop_gradient(functools.reduce(jnp.maximum, row))
+    e = [jnp.exp(v - top) for v in row]
+    s = _total(e)
+    c.append([v / s + eps for v in e])
+  c = _normalize_cols(c, eps)
+  for _ in range(iters - 1):
+    c = _normalize_cols(_normalize_rows(c, eps), eps)
+  return jnp.stack([jnp.stack(row, axis=-1) for row in c], axis=-2)
+
+
+def _sinkhorn_loop(logits_NN, iters: int, eps: float):
+  """The same projection with reductions in a loop: the compact graph the backward pass differentiates."""
+  c = jax.nn.softmax(logits_NN, axis=-1) + eps
+  c = c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
 
   def body(_, c):
     c = c / (jnp.sum(c, axis=-1, keepdims=True) + eps)
     return c / (jnp.sum(c, axis=-2, keepdims=True) + eps)
 
-  return jax.lax.fori_loop(0, iters - 1, body, comb)
+  return jax.lax.fori_loop(0, iters - 1, body, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def sinkhorn(logits_NN, iters: int, eps: float):
+  """Doubly-stochastic projection of exp(logits) as the official kernel does it: row softmax + eps, columns, then
+  (iters - 1) × (rows, columns), each dividing by (sum + eps). logits_NN: [..., n, n] float32.
+
+  n (hc_mult = 4) and iters are static and tiny, so the forward is unrolled elementwise code: XLA:GPU fuses it into
+  3 loop fusions (H200-class compile, 20 iterations) where a while loop of small reductions launched ~100 kernels.
+  The backward differentiates the loop form instead: autodiff of the unrolled graph is as fast on GPU, but it takes
+  XLA:CPU minutes to compile (every training test would pay that).
+  """
+  if logits_NN.ndim < 2 or logits_NN.shape[-2] != logits_NN.shape[-1]:
+    raise ValueError(f"sinkhorn: logits_NN must end in a square [n, n] pair of axes, got shape {logits_NN.shape}")
+  if iters < 1:
+    raise ValueError(f"sinkhorn: iters must be >= 1, got {iters}")
+  return _sinkhorn_unrolled(logits_NN, iters, eps)
+
+
+def _sinkhorn_fwd(logits_NN, iters, eps):
+  return sinkhorn(logits_NN, iters, eps), logits_NN
+
+
+def _sinkhorn_bwd(iters, eps, logits_NN, g_NN):
+  return jax.vjp(lambda x: _sinkhorn_loop(x, iters, eps), logits_NN)[1](g_NN)
+
+
+sinkhorn.defvjp(_sinkhorn_fwd, _sinkhorn_bwd)
 
 
 def _mixes(h_BSND, fn_MK, norm_eps: float):
@@ -60,7 +129,10 @@ class HyperConnection(nnx.Module):
 
   def post(self, x_BSD, res_BSND, post_BSN, comb_BSNN):
     """New streams: h[k] = post[k]·x + Σ_j comb[j, k]·res[j]  (i.e. B_l = combᵀ)."""
-    mixed = jnp.einsum("BSJK,BSJD->BSKD", comb_BSNN, res_BSND.astype(jnp.float32), precision="highest")
+    # The contraction over j (n = 4 terms) is written out: one elementwise fusion with the update below, where an
+    # einsum is a separate K=4 GEMM kernel on GPU.
+    res_BSND = res_BSND.astype(jnp.float32)
+    mixed = _total([comb_BSNN[..., j, :, None] * res_BSND[..., j:j + 1, :] for j in range(self.hc_mult)])
     y = post_BSN[..., None] * x_BSD.astype(jnp.float32)[:, :, None, :] + mixed
     return y.astype(x_BSD.dtype)
 
