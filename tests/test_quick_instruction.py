@@ -198,21 +198,30 @@ def test_quick_instructions_equal_a_fresh_prefill_and_leave_the_parent_unchanged
 
 
 # ----- exact MoE for serving ---------------------------------------------------------------------------------
-def test_serving_forces_the_ragged_moe(model, tok, monkeypatch):
+def test_serving_forces_the_exact_moe(model, tok, monkeypatch):
   """moe_impl "auto" picks the token-dropping capacity path on GPU: here "auto" is made to pick it everywhere
-  (and the capacity path to fail), and every serving path still runs, on the exact ragged path."""
+  (and the capacity path to fail unless its capacity is the step's token count, which drops nothing), and every
+  serving path still runs, on moe_impl "exact": the capacity einsums with C = T for decode, ragged for a
+  prompt longer than moe.EXACT_CAPACITY_MAX_TOKENS."""
   assert model.cfg.moe_impl == "auto"
   monkeypatch.setattr(moe, "moe_impl", lambda cfg: "capacity" if cfg.moe_impl == "auto" else cfg.moe_impl)
+  capacity_matmuls, ran = moe.RoutedExperts.capacity_matmuls, []
 
-  def no_capacity(*a, **k):
-    raise AssertionError("serving ran the capacity MoE path")
+  def exact_capacity_only(self, x_TD, weights_TK, experts_TK, capacity=None):
+    if capacity != x_TD.shape[0]:
+      raise AssertionError(f"serving ran the capacity MoE path with capacity {capacity} for {x_TD.shape[0]} tokens")
+    ran.append(capacity)
+    return capacity_matmuls(self, x_TD, weights_TK, experts_TK, capacity)
 
-  monkeypatch.setattr(moe.RoutedExperts, "capacity_matmuls", no_capacity)
-  engine = Engine(make_backend(model, 1, 64, "cached"), tok)
-  assert engine.backend.cfg.moe_impl == "ragged"
+  monkeypatch.setattr(moe.RoutedExperts, "capacity_matmuls", exact_capacity_only)
+  long = moe.EXACT_CAPACITY_MAX_TOKENS + 8
+  engine = Engine(make_backend(model, 1, long + 8, "cached"), tok)
+  assert engine.backend.cfg.moe_impl == "exact"
   h = engine.submit([tok.bos_id] + tok.encode("hello"), SamplingParams(temperature=0.0, max_tokens=2))
+  h2 = engine.submit([tok.bos_id] * long, SamplingParams(temperature=0.0, max_tokens=2))
   engine.run_until_idle()
-  assert len(h.result().token_ids) >= 1
-  assert make_backend(model, 1, 64, "full").cfg.moe_impl == "ragged"
+  assert len(h.result().token_ids) >= 1 and len(h2.result().token_ids) >= 1
+  assert ran and max(ran) <= moe.EXACT_CAPACITY_MAX_TOKENS  # decode steps took the capacity einsums
+  assert make_backend(model, 1, 64, "full").cfg.moe_impl == "exact"
   assert model.cfg.moe_impl == "auto"  # the caller's model is not changed
   assert moe.moe_impl(model.cfg) == "capacity"  # the patch does bite an unserved model

@@ -6,12 +6,16 @@
   backend.fork(src, dst)                                   dst continues src's sequence (Quick Instruction)
   backend.extend(slots, token_lists) -> logits [len(slots), V]  each slot's sequence grows by its tokens
 
-Both backends serve `serving_model(model)`: routed experts on the exact ragged path (the capacity path that
-moe_impl "auto" picks on GPU drops tokens past an expert's capacity, so a request's output would depend on
-the batch it shares a step with). A model built with scan_layers=False (or `dsv4_jax.unstack_layers(model)`)
-decodes faster: a scanned layer stack copies each layer's expert weights out of the stack every step (H200,
-Flash-shaped bench model, 128K context, batch 64: 16.0 ms a step unstacked vs 20.2 ms scanned); serving_model
-logs a warning for a scanned model whose stacks repeat.
+Both backends serve `serving_model(model)`: routed experts on moe_impl "exact", which drops nothing (the capacity
+path that moe_impl "auto" picks on GPU drops tokens past an expert's capacity, so a request's output would
+depend on the batch it shares a step with): steps of few tokens (decode, MTP verification) run the capacity
+einsums with capacity = tokens, faster than the ragged path there (H200, bench model, one layer's MoE at batch
+64: 0.76 ms vs 1.25 ms), longer ones (prompts) the ragged path (moe.EXACT_CAPACITY_MAX_TOKENS).
+
+A model built with scan_layers=False (or `dsv4_jax.unstack_layers(model)`) decodes faster: a scanned layer stack
+copies each layer's expert weights out of the stack every step (H200, Flash-shaped bench model, 128K context,
+batch 64: 16.0 ms a step unstacked vs 20.2 ms scanned); serving_model logs a warning for a scanned model whose
+stacks repeat.
 
 FullForwardBackend runs the model's plain forward over each slot's whole sequence every step (no cache): slow,
 but exact and available for any model. CachedBackend (cached_backend.py) uses the KV cache when the model has
@@ -45,22 +49,22 @@ class Backend(Protocol):
 
 
 def serving_model(model):
-  """`model` with moe_impl "ragged" everywhere (exact MoE: no capacity drops); a new module object sharing the
-  parameters (the caller's model is not changed); `model` itself if it is already ragged. Warns for a model
+  """`model` with moe_impl "exact" everywhere (exact MoE: no capacity drops); a new module object sharing the
+  parameters (the caller's model is not changed); `model` itself if it is already on "exact". Warns for a model
   with scanned stacks of more than one repeat (not unstacked here: that would copy its main layers)."""
   repeats = max((r for _, r in getattr(model, "plan", ())), default=1)
   if repeats > 1:
     log.warning("serving a model with scanned layer stacks (up to %d repeats): each decode step copies the "
                 "stacked expert weights (~20%% of an H200 decode step); build it with scan_layers=False, "
                 "load_pretrained(..., scan_layers=False) or dsv4_jax.unstack_layers(model)", repeats)
-  if model.cfg.moe_impl == "ragged":
+  if model.cfg.moe_impl == "exact":
     return model
   graphdef, state = nnx.split(model)
   served = nnx.merge(graphdef, state)
   for _, module in nnx.iter_modules(served):
     cfg = getattr(module, "cfg", None)
     if cfg is not None and hasattr(cfg, "moe_impl"):
-      module.cfg = cfg.replace(moe_impl="ragged")
+      module.cfg = cfg.replace(moe_impl="exact")
   return served
 
 

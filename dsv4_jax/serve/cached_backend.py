@@ -92,7 +92,7 @@ class CachedBackend:
       raise ValueError(f"need num_slots >= 1 and max_len in [2, {limit}], got {num_slots}, {max_len}")
     self.num_slots, self.max_len, self.vocab_size, self.bucket = num_slots, max_len, model.cfg.vocab_size, bucket
     from dsv4_jax.serve.backend import serving_model
-    model = serving_model(model)  # exact MoE (moe_impl "ragged")
+    model = serving_model(model)  # exact MoE (moe_impl "exact")
     self.cfg = model.cfg
     self._release = release or release_op()
     kw = {} if kv_format is None else {"kv_format": kv_format}

@@ -178,7 +178,7 @@ class SpeculativeBackend:
       raise ValueError("speculative decoding needs a model with an MTP block (num_nextn_predict_layers >= 1)")
     from dsv4_jax.serve.backend import serving_model
     from dsv4_jax.serve.cached_backend import release_op
-    model = serving_model(model)  # exact MoE (moe_impl "ragged"): no capacity drops that differ by chunk width
+    model = serving_model(model)  # exact MoE (moe_impl "exact"): no capacity drops that differ by chunk width
     limit = model.cfg.max_position_embeddings
     max_len = limit if max_len is None else max_len
     if num_slots < 1 or not 1 < max_len <= limit:

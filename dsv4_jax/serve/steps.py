@@ -40,7 +40,7 @@ from dsv4_jax.sharding import traced_under
 
 def _jitted(model, method: str, extra: str, mesh=None):
   from dsv4_jax.serve.backend import serving_model
-  graphdef, params = nnx.split(serving_model(model))  # exact MoE (moe_impl "ragged") for serving
+  graphdef, params = nnx.split(serving_model(model))  # exact MoE (moe_impl "exact") for serving
 
   def body(params, cache, tokens, arg, slots, max_context):
     fn = getattr(nnx.merge(graphdef, params), method)
