@@ -283,10 +283,12 @@ def serve_decode(contexts: list[int], batch: int, steps: int, bw: float, only=No
   n = jax.device_count()
   cfg = bench_serve.bench_config(SMOKE, 8 if SMOKE else 32).replace(scan_layers=False)
   fmt = "fp8"
-  cases = [("1 device", None, "ragged (serving default)"),
-           ("tensor", (1, 1, 1, n), "ragged (serving default)"),
+  path = bench_serve.step_moe_path("exact", batch)  # what the serving steps run at this batch
+  served = f"exact: {'capacity, C = tokens' if path == 'capacity' else path} (serving default)"
+  cases = [("1 device", None, served),
+           ("tensor", (1, 1, 1, n), served),
            ("expert", (1, 1, n, 1), "capacity, C = tokens (exact)"),
-           ("data", (n, 1, 1, 1), "ragged (serving default)")]
+           ("data", (n, 1, 1, 1), served)]
   cases = [c for c in cases if not only or c[0] in only]
   rows = []
   for name, sizes, moe in cases:

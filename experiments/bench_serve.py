@@ -7,7 +7,7 @@ throughput, and the KV cache's size per sequence.
 Phases, in order, each adding to serve.md / serve.json as it finishes (a run cut short keeps its tables):
 copy bandwidth and matmul rate; cache sizes; decode at each (context, batch); prefill; the pieces of a decode
 step timed alone (one layer's MoE on each expert path, the head); decode at the longest context and largest
-batch once more with the capacity-path MoE when the serving steps run another path.
+batch once more with the capacity-path MoE when the serving steps run another path there.
 
 Model (`bench_config`): DeepSeek-V4-Flash with every per-layer dimension kept (d 4096, 64 heads × 512, 64-dim
 RoPE, q/o LoRA 1024, 8 output groups, window 128, CSA m = 4 with a 64 × 128 indexer and top-512, HCA m = 128,
@@ -16,7 +16,9 @@ HCA, CSA: Flash's schedule with its first SWA layer, then the CSA/HCA alternatio
 32 routed experts, no MTP; bf16 weights and compute, no QAT simulation; head matmul in bf16 with float32
 accumulation (`fp32_matmuls=False`); cache entries in the spec §8.1 FP8 layout (584 B entries, 68 B indexer
 keys). Routed experts: the path the serving steps run (`dsv4_jax.serve.backend.serving_model` switches the
-model to the exact `ragged_dot`; without it, the capacity path with C = tokens, which drops nothing).
+model to moe_impl "exact": the capacity einsums with C = tokens for steps of at most
+`moe.EXACT_CAPACITY_MAX_TOKENS` tokens (decode), the exact `ragged_dot` for longer ones (prefill chunks); without
+it, the capacity path with C = tokens, which drops nothing).
 
 Decode uses the real serving steps (`dsv4_jax.serve.steps.make_decode` over `model.decode`, cache donated).
 To reach a long context at batch 64 without prefilling it, `fill_synthetic` writes a cache as if every slot
@@ -57,7 +59,7 @@ from dsv4_jax import accounting  # noqa: E402
 from dsv4_jax.config import ModelConfig  # noqa: E402
 from dsv4_jax.model import cache as cache_lib  # noqa: E402
 from dsv4_jax.model import kv_format as kvf  # noqa: E402
-from dsv4_jax.model.moe import MoE, moe_impl  # noqa: E402
+from dsv4_jax.model.moe import EXACT_CAPACITY_MAX_TOKENS, MoE, moe_impl  # noqa: E402
 from dsv4_jax.model.transformer import DeepSeekV4, layer_plan  # noqa: E402
 from dsv4_jax.serve.cache import cache_bytes  # noqa: E402
 from dsv4_jax.serve.steps import make_decode, make_prefill  # noqa: E402
@@ -90,12 +92,20 @@ def bench_config(small: bool, experts: int, capacity_factor: float | None = None
 
 
 def served_moe_impl(model) -> str:
-  """The routed-expert path the serving steps run (dsv4_jax.serve may switch the model to the exact ragged path)."""
+  """The moe_impl the serving steps run (dsv4_jax.serve switches the model to the exact "exact")."""
   try:
     from dsv4_jax.serve.backend import serving_model
   except ImportError:
     serving_model = lambda m: m
   return moe_impl(serving_model(model).cfg)
+
+
+def step_moe_path(impl: str, tokens: int) -> str:
+  """The expert path a step of `tokens` tokens runs under moe_impl `impl` ("exact": the capacity einsums with
+  C = tokens up to EXACT_CAPACITY_MAX_TOKENS, else ragged)."""
+  if impl == "exact":
+    return "capacity" if tokens <= EXACT_CAPACITY_MAX_TOKENS else "ragged"
+  return impl
 
 
 def direct_decode(model):
@@ -312,7 +322,9 @@ def write_report(path: str, r: dict) -> str:
       f"in bf16 ({r['params'] * 2 / GiB:.3g} GiB), bf16 compute, no QAT simulation, head matmul in bf16 "
       f"(fp32 accumulation); KV cache in the `{r['fmt']}` layout; routed experts in decode and prefill: "
       f"`{r['served_moe']}` (the path `dsv4_jax.serve.steps` runs; 'capacity' here means C = tokens, nothing "
-      f"dropped). Attention: "
+      f"dropped" + (f"; `exact`: capacity for steps of ≤ {EXACT_CAPACITY_MAX_TOKENS} tokens, i.e. decode, "
+                    f"ragged_dot for longer ones, i.e. prefill chunks" if r['served_moe'] == "exact" else "")
+      + "). Attention: "
       f"`{cfg.attention_impl}` (pallas_kernels.sparse_attention).\n")
   add(f"Long contexts are synthetic (`fill_synthetic`): the cache is written as if each slot held the context "
       f"(lengths, page table, random packed entries in every ring, tail and page), then real decode steps run "
@@ -400,7 +412,7 @@ def verdict(r: dict) -> str:
                  f"{(d['bytes']['cache'] - short['bytes']['cache']) / GiB:.3f} GiB ≈ "
                  f"{(d['bytes']['cache'] - short['bytes']['cache']) / r['bw'] * 1e3:.2f} ms at the copy rate).")
   if r.get("parts") and d["batch"] == r["parts_batch"]:
-    key = "ragged" if r["served_moe"] == "ragged" else "exact"
+    key = "ragged" if step_moe_path(r["served_moe"], r["parts_batch"]) == "ragged" else "exact"
     moe = next(s * m for n, s, m in r["parts"] if key in n)
     head = next(s * m for n, s, m in r["parts"] if n.startswith("head"))
     rest = d["step_s"] - moe - head
@@ -561,8 +573,8 @@ def main(argv=None) -> int:
 
     guarded("pieces", parts)
 
-  if r["served_moe"] != "capacity" and not args.no_capacity_variant:
-    ctx, B = max(contexts), max(batches)
+  ctx, B = max(contexts), max(batches)
+  if step_moe_path(r["served_moe"], B) != "capacity" and not args.no_capacity_variant:
     log(f"decode, capacity-path MoE (C = tokens): context {ctx}, batch {B}")
     guarded("decode, capacity-path MoE",
             lambda: r.__setitem__("decode_capacity", decode_case(direct_decode(model), ctx, B)))

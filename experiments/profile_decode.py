@@ -58,7 +58,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench_serve import bench_config, fill_synthetic, log, time_decode  # noqa: E402
+from bench_serve import bench_config, fill_synthetic, log, served_moe_impl, step_moe_path, time_decode  # noqa: E402
 from reporting import without_options  # noqa: E402
 
 
@@ -664,7 +664,7 @@ def write_report(path: str, r: dict) -> str:
            f"Model: `experiments/bench_serve.py:bench_config` ({r['model']}), {r['params'] / 1e9:.3f}B parameters; "
            f"KV cache `{r['fmt']}`; attention `{r['attention_impl']}`; synthetic cache (`fill_synthetic`) at "
            f"context {r['context']:,}, batch {r['batch']}; the serving step `make_decode` (max_context "
-           f"{r['max_context']:,}).", "",
+           f"{r['max_context']:,})" + (f"; routed experts `{r['moe']}`" if r.get("moe") else "") + ".", "",
            f"Wall time per step, measured the bench_serve way (`time_decode`: median of {r['steps']} synced steps "
            f"after {r['warmup']} warm-up; back-to-back = mean of {r['steps']} unsynced): **{ms(wall['step_us'])} "
            f"ms** (back-to-back {ms(wall['pipelined_us'])} ms; compile + first step {wall['first_s']:.1f} s).", "",
@@ -856,6 +856,7 @@ def main(argv=None) -> int:
            model=("tiny: d 64, 4 layers" if args.small else
                   f"d {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts"),
            context=ctx, batch=B, max_context=max_len, steps=args.steps, warmup=args.warmup,
+           moe=f"{served_moe_impl(model)} ({step_moe_path(served_moe_impl(model), B)} at batch {B})",
            wall=dict(step_us=step_s * 1e6, pipelined_us=pipe_s * 1e6, first_s=first_s),
            profiled_step_us=statistics.median(walls) * 1e6, trace=path, trace_info=info, attribution=a,
            notes=notes, command=" ".join(["python experiments/profile_decode.py"] + without_options(

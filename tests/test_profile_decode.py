@@ -254,3 +254,4 @@ def test_script_end_to_end_small(tmp_path):
   assert not any(c.startswith("other:") for c in comps), comps
   text = (tmp_path / "decode_profile.md").read_text()
   assert "## Per component" in text and "Reproduce: `python experiments/profile_decode.py --small" in text
+  assert "routed experts `exact (capacity at batch 4)`" in text  # the serving step's MoE path at this batch
