@@ -40,7 +40,8 @@ def _normalize_cols(c, eps):
 
 
 def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
-  """The forward of `sinkhorn`: n·n arrays of the batch shape, sums written out, iterations unrolled."""
+  """The forward of `sinkhorn`: n·n arrays of the batch shape, sums written out (elementwise ops only); the
+  iterations a loop over them (unrolled, XLA:GPU took minutes to compile a decode step's 12 projections)."""
   n = logits_NN.shape[-1]
   c = []
   for i in range(n):  # row softmax; the max is a constant shift of the row, so it carries no gradient
@@ -50,9 +51,13 @@ def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
     s = _total(e)
     c.append([v / s + eps for v in e])
   c = _normalize_cols(c, eps)
-  for _ in range(iters - 1):
-    c = _normalize_cols(_normalize_rows(c, eps), eps)
-  return jnp.stack([jnp.stack(row, axis=-1) for row in c], axis=-2)
+
+  def body(_, flat):
+    c = [list(flat[i * n:(i + 1) * n]) for i in range(n)]
+    return tuple(v for row in _normalize_cols(_normalize_rows(c, eps), eps) for v in row)
+
+  flat = jax.lax.fori_loop(0, iters - 1, body, tuple(v for row in c for v in row))
+  return jnp.stack([jnp.stack(flat[i * n:(i + 1) * n], axis=-1) for i in range(n)], axis=-2)
 
 
 def _sinkhorn_loop(logits_NN, iters: int, eps: float):
@@ -72,10 +77,11 @@ def sinkhorn(logits_NN, iters: int, eps: float):
   """Doubly-stochastic projection of exp(logits) as the official kernel does it: row softmax + eps, columns, then
   (iters - 1) × (rows, columns), each dividing by (sum + eps). logits_NN: [..., n, n] float32.
 
-  n (hc_mult = 4) and iters are static and tiny, so the forward is unrolled elementwise code: XLA:GPU fuses it into
-  3 loop fusions (H200-class compile, 20 iterations) where a while loop of small reductions launched ~100 kernels.
-  The backward differentiates the loop form instead: autodiff of the unrolled graph is as fast on GPU, but it takes
-  XLA:CPU minutes to compile (every training test would pay that).
+  n (hc_mult = 4) is static and tiny, so the forward keeps the matrix as n·n arrays with the sums written out:
+  each iteration is elementwise code (one fusion) where reductions over the n axes launched ~5 kernels. The
+  iterations stay a loop: unrolled, the 20 iterations of a decode step's 12 projections took XLA:GPU 266 s to
+  compile (13 s as a loop; deviceless H200 compile, 2026-11-29). The backward differentiates the loop form with
+  reductions (`_sinkhorn_loop`): autodiff of the elementwise graph compiles slowly on XLA:CPU.
   """
   if logits_NN.ndim < 2 or logits_NN.shape[-2] != logits_NN.shape[-1]:
     raise ValueError(f"sinkhorn: logits_NN must end in a square [n, n] pair of axes, got shape {logits_NN.shape}")
