@@ -325,7 +325,10 @@ def write_report(path: str, r: dict) -> str:
       f"dropped" + (f"; `exact`: capacity for steps of ≤ {EXACT_CAPACITY_MAX_TOKENS} tokens, i.e. decode, "
                     f"ragged_dot for longer ones, i.e. prefill chunks" if r['served_moe'] == "exact" else "")
       + "). Attention: "
-      f"`{cfg.attention_impl}` (pallas_kernels.sparse_attention).\n")
+      f"`{cfg.attention_impl}` (pallas_kernels.sparse_attention; with a kernel implementation the fp8 indexer "
+      f"scores run pallas_kernels.paged_index_scores' GPU kernel). Layers: "
+      + ("one parameter set per layer (`scan_layers=False`, `--no-scan`: what `dsv4 generate/serve` load)"
+         if not cfg.scan_layers else "scanned stacks (`scan_layers=True`)") + ".\n")
   add(f"Long contexts are synthetic (`fill_synthetic`): the cache is written as if each slot held the context "
       f"(lengths, page table, random packed entries in every ring, tail and page), then real decode steps run "
       f"on it. Step = median of {r['steps']} steps each synced, after compile and {r['warmup']} warm-up steps; "
@@ -441,6 +444,9 @@ def main(argv=None) -> int:
   ap.add_argument("--attention-impl", default="reference", choices=("reference", "auto", "gpu"),
                   help="cfg.attention_impl (default: the presets' 'reference', what `dsv4 serve` runs on a "
                        "checkpoint; 'auto' takes the Mosaic GPU sparse-attention kernel on a GPU)")
+  ap.add_argument("--no-scan", action="store_true",
+                  help="one parameter set per layer (scan_layers=False: what `dsv4 generate/serve` load) instead "
+                       "of scanned layer stacks")
   ap.add_argument("--steps", type=int, default=None, help="timed decode steps per case (default 20)")
   ap.add_argument("--warmup", type=int, default=3)
   ap.add_argument("--no-parts", action="store_true", help="skip timing the pieces (MoE, head) alone")
@@ -463,6 +469,8 @@ def main(argv=None) -> int:
   dev = jax.devices()[0]
   log(f"device {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   cfg = bench_config(small, args.experts, attention_impl=args.attention_impl)
+  if args.no_scan:
+    cfg = cfg.replace(scan_layers=False)
   r = dict(small=small, cfg=cfg, fmt=fmt, steps=steps, warmup=args.warmup, date=datetime.date.today().isoformat(),
            device=f"{jax.device_count()} × {dev.device_kind}" + (" (CPU)" if dev.platform == "cpu" else ""),
            jax=jax.__version__, jaxlib=jaxlib.__version__,
