@@ -17,7 +17,7 @@ HCA, CSA: Flash's schedule with its first SWA layer, then the CSA/HCA alternatio
 accumulation (`fp32_matmuls=False`); cache entries in the spec §8.1 FP8 layout (584 B entries, 68 B indexer
 keys). Routed experts: the path the serving steps run (`dsv4_jax.serve.backend.serving_model` switches the
 model to moe_impl "exact": the capacity einsums with C = tokens for steps of at most
-`moe.EXACT_CAPACITY_MAX_TOKENS` tokens (decode), the exact `ragged_dot` for longer ones (prefill chunks); without
+`moe.EXACT_CAPACITY_MAX_TOKENS` tokens with tokens · k >= E (decode batches; `moe.exact_uses_capacity`), the exact `ragged_dot` otherwise; without
 it, the capacity path with C = tokens, which drops nothing).
 
 Decode uses the real serving steps (`dsv4_jax.serve.steps.make_decode` over `model.decode`, cache donated).
@@ -59,7 +59,7 @@ from dsv4_jax import accounting  # noqa: E402
 from dsv4_jax.config import ModelConfig  # noqa: E402
 from dsv4_jax.model import cache as cache_lib  # noqa: E402
 from dsv4_jax.model import kv_format as kvf  # noqa: E402
-from dsv4_jax.model.moe import EXACT_CAPACITY_MAX_TOKENS, MoE, moe_impl  # noqa: E402
+from dsv4_jax.model.moe import EXACT_CAPACITY_MAX_TOKENS, MoE, exact_uses_capacity, moe_impl  # noqa: E402
 from dsv4_jax.model.transformer import DeepSeekV4, layer_plan  # noqa: E402
 from dsv4_jax.serve.cache import cache_bytes  # noqa: E402
 from dsv4_jax.serve.steps import make_decode, make_prefill  # noqa: E402
@@ -100,11 +100,11 @@ def served_moe_impl(model) -> str:
   return moe_impl(serving_model(model).cfg)
 
 
-def step_moe_path(impl: str, tokens: int) -> str:
+def step_moe_path(impl: str, tokens: int, cfg) -> str:
   """The expert path a step of `tokens` tokens runs under moe_impl `impl` ("exact": the capacity einsums with
-  C = tokens up to EXACT_CAPACITY_MAX_TOKENS, else ragged)."""
+  C = tokens where moe.exact_uses_capacity says so, else ragged)."""
   if impl == "exact":
-    return "capacity" if tokens <= EXACT_CAPACITY_MAX_TOKENS else "ragged"
+    return "capacity" if exact_uses_capacity(cfg, tokens) else "ragged"
   return impl
 
 
@@ -322,8 +322,8 @@ def write_report(path: str, r: dict) -> str:
       f"in bf16 ({r['params'] * 2 / GiB:.3g} GiB), bf16 compute, no QAT simulation, head matmul in bf16 "
       f"(fp32 accumulation); KV cache in the `{r['fmt']}` layout; routed experts in decode and prefill: "
       f"`{r['served_moe']}` (the path `dsv4_jax.serve.steps` runs; 'capacity' here means C = tokens, nothing "
-      f"dropped" + (f"; `exact`: capacity for steps of ≤ {EXACT_CAPACITY_MAX_TOKENS} tokens, i.e. decode, "
-                    f"ragged_dot for longer ones, i.e. prefill chunks" if r['served_moe'] == "exact" else "")
+      f"dropped" + (f"; `exact`: capacity for steps of T ≤ {EXACT_CAPACITY_MAX_TOKENS} tokens with T·k ≥ E, "
+                    f"i.e. decode batches, ragged_dot otherwise (batch 1, prefill chunks)" if r['served_moe'] == "exact" else "")
       + "). Attention: "
       f"`{cfg.attention_impl}` (pallas_kernels.sparse_attention; with a kernel implementation the fp8 indexer "
       f"scores run pallas_kernels.paged_index_scores' GPU kernel). Layers: "
@@ -415,7 +415,7 @@ def verdict(r: dict) -> str:
                  f"{(d['bytes']['cache'] - short['bytes']['cache']) / GiB:.3f} GiB ≈ "
                  f"{(d['bytes']['cache'] - short['bytes']['cache']) / r['bw'] * 1e3:.2f} ms at the copy rate).")
   if r.get("parts") and d["batch"] == r["parts_batch"]:
-    key = "ragged" if step_moe_path(r["served_moe"], r["parts_batch"]) == "ragged" else "exact"
+    key = "ragged" if step_moe_path(r["served_moe"], r["parts_batch"], r["cfg"]) == "ragged" else "exact"
     moe = next(s * m for n, s, m in r["parts"] if key in n)
     head = next(s * m for n, s, m in r["parts"] if n.startswith("head"))
     rest = d["step_s"] - moe - head
@@ -582,7 +582,7 @@ def main(argv=None) -> int:
     guarded("pieces", parts)
 
   ctx, B = max(contexts), max(batches)
-  if step_moe_path(r["served_moe"], B) != "capacity" and not args.no_capacity_variant:
+  if step_moe_path(r["served_moe"], B, cfg) != "capacity" and not args.no_capacity_variant:
     log(f"decode, capacity-path MoE (C = tokens): context {ctx}, batch {B}")
     guarded("decode, capacity-path MoE",
             lambda: r.__setitem__("decode_capacity", decode_case(direct_decode(model), ctx, B)))

@@ -40,8 +40,8 @@ def _normalize_cols(c, eps):
 
 
 def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
-  """The forward of `sinkhorn`: n·n arrays of the batch shape, sums written out (elementwise ops only); the
-  iterations a loop over them (unrolled, XLA:GPU took minutes to compile a decode step's 12 projections)."""
+  """The forward of `sinkhorn`: n·n arrays of the batch shape, sums written out (elementwise ops only), the
+  iterations unrolled with an optimization barrier between them."""
   n = logits_NN.shape[-1]
   c = []
   for i in range(n):  # row softmax; the max is a constant shift of the row, so it carries no gradient
@@ -52,12 +52,9 @@ def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
     c.append([v / s + eps for v in e])
   c = _normalize_cols(c, eps)
 
-  def body(_, flat):
-    c = [list(flat[i * n:(i + 1) * n]) for i in range(n)]
-    return tuple(v for row in _normalize_cols(_normalize_rows(c, eps), eps) for v in row)
-
-  flat = jax.lax.fori_loop(0, iters - 1, body, tuple(v for row in c for v in row))
-  return jnp.stack([jnp.stack(flat[i * n:(i + 1) * n], axis=-1) for i in range(n)], axis=-2)
+  for _ in range(iters - 1):  # a barrier per iteration: each is one fusion, and XLA does not fuse across them
+    c = jax.lax.optimization_barrier(_normalize_cols(_normalize_rows(c, eps), eps))
+  return jnp.stack([jnp.stack(row, axis=-1) for row in c], axis=-2)
 
 
 def _sinkhorn_loop(logits_NN, iters: int, eps: float):
@@ -79,8 +76,10 @@ def sinkhorn(logits_NN, iters: int, eps: float):
 
   n (hc_mult = 4) is static and tiny, so the forward keeps the matrix as n·n arrays with the sums written out:
   each iteration is elementwise code (one fusion) where reductions over the n axes launched ~5 kernels. The
-  iterations stay a loop: unrolled, the 20 iterations of a decode step's 12 projections took XLA:GPU 266 s to
-  compile (13 s as a loop; deviceless H200 compile, 2026-11-29). The backward differentiates the loop form with
+  iterations are unrolled, not a while loop (on GPU each loop iteration waits for its predicate on the host:
+  ~2 ms of idle device in a decode step's 12 projections), with an optimization barrier between them: unrolled
+  without one, XLA:GPU fused across iterations and took 266 s to compile the 6-layer bench decode step (13 s
+  with the loop; deviceless H200 compiles, 2026-11-29). The backward differentiates the loop form with
   reductions (`_sinkhorn_loop`): autodiff of the elementwise graph compiles slowly on XLA:CPU.
   """
   if logits_NN.ndim < 2 or logits_NN.shape[-2] != logits_NN.shape[-1]:
