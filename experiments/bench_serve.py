@@ -17,7 +17,7 @@ HCA, CSA: Flash's schedule with its first SWA layer, then the CSA/HCA alternatio
 accumulation (`fp32_matmuls=False`); cache entries in the spec §8.1 FP8 layout (584 B entries, 68 B indexer
 keys). Routed experts: the path the serving steps run (`dsv4_jax.serve.backend.serving_model` switches the
 model to moe_impl "exact": the capacity einsums with C = tokens for steps of at most
-`moe.EXACT_CAPACITY_MAX_TOKENS` tokens with tokens · k >= E (decode batches; `moe.exact_uses_capacity`), the exact `ragged_dot` otherwise; without
+`moe.EXACT_CAPACITY_MAX_TOKENS` tokens (decode; `moe.exact_uses_capacity`), the exact `ragged_dot` for longer ones; without
 it, the capacity path with C = tokens, which drops nothing).
 
 Decode uses the real serving steps (`dsv4_jax.serve.steps.make_decode` over `model.decode`, cache donated).
@@ -322,8 +322,8 @@ def write_report(path: str, r: dict) -> str:
       f"in bf16 ({r['params'] * 2 / GiB:.3g} GiB), bf16 compute, no QAT simulation, head matmul in bf16 "
       f"(fp32 accumulation); KV cache in the `{r['fmt']}` layout; routed experts in decode and prefill: "
       f"`{r['served_moe']}` (the path `dsv4_jax.serve.steps` runs; 'capacity' here means C = tokens, nothing "
-      f"dropped" + (f"; `exact`: capacity for steps of T ≤ {EXACT_CAPACITY_MAX_TOKENS} tokens with T·k ≥ E, "
-                    f"i.e. decode batches, ragged_dot otherwise (batch 1, prefill chunks)" if r['served_moe'] == "exact" else "")
+      f"dropped" + (f"; `exact`: capacity for steps of ≤ {EXACT_CAPACITY_MAX_TOKENS} tokens, i.e. decode, "
+                    f"ragged_dot for longer ones, i.e. prefill chunks" if r['served_moe'] == "exact" else "")
       + "). Attention: "
       f"`{cfg.attention_impl}` (pallas_kernels.sparse_attention; with a kernel implementation the fp8 indexer "
       f"scores run pallas_kernels.paged_index_scores' GPU kernel). Layers: "
