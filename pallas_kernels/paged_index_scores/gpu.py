@@ -136,7 +136,7 @@ def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, TILES):  # no
         plgpu.copy_gmem_to_smem(pages_ref.at[pl.ds(start_smem[t * runs + j], run // QUAD)],
                                 slots.at[t, pl.ds(j * run // QUAD, run // QUAD)], tile_bar.at[t],
                                 oob_mode=plgpu.OOBFillMode.PROMISE_IN_BOUNDS)
-    w = plgpu.load(w_smem, layout=head_layout)
+    w = plgpu.load(w_smem, (), layout=head_layout)  # idx: required before jax 0.11
     dequant = _dequant_tile()
 
     @pl.loop(0, TILES)
