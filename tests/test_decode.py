@@ -114,6 +114,17 @@ def test_chunked_prefill_equals_one_prefill(run, decoded):
   _assert_same_cache(decoded[1], one)  # and decoding token by token builds the same cache
 
 
+def test_fp8_indexer_queries_in_chunks(run, monkeypatch):
+  """The fp8 cache's indexer top-k (packed keys scored in place) gives the same prefill when its queries go in
+  chunks of 7 (a long prefill chunk's score budget) as in one piece."""
+  from dsv4_jax.model import decode as decode_lib  # noqa: PLC0415
+  tokens, lengths = jnp.asarray(run.tokens), jnp.asarray(PROMPTS)
+  whole, _ = make_prefill(run.model)(tokens, run.cache("fp8"), lengths)
+  monkeypatch.setattr(decode_lib, "default_query_chunk", lambda B, S, H, N: 7)
+  chunked, _ = make_prefill(run.model)(tokens, run.cache("fp8"), lengths)
+  np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
+
+
 def test_bad_inputs(run):
   model = run.model
   cache = model.init_cache(2, 64, kv_format="float32")

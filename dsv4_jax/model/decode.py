@@ -27,7 +27,8 @@ from jax.sharding import PartitionSpec as P
 from dsv4_jax.model.cache import (CompressorState, InferenceCache, LayerPool, LayerState, allocate_pages,
                                   local_page_axes, scatter_rows, select_rows)
 from dsv4_jax.model.indexer import select_topk_with_scores
-from pallas_kernels.indexer_topk.reference import top_visible
+from pallas_kernels._query_chunks import merge_queries, split_queries
+from pallas_kernels.indexer_topk.reference import default_query_chunk, top_visible
 from dsv4_jax.model.options import INFERENCE
 
 
@@ -251,13 +252,29 @@ def _index_step(indexer, x_BSD, qr_BSQ, sc, state: LayerState, pool: LayerPool, 
   w_BSH = indexer.head_weights(x_BSD)
   k = min(cfg.index_topk, n_all)
   if fmt == "fp8":  # score the packed keys where they lie (pallas_kernels.paged_index_scores)
-    scores_BSN = read_index_scores(keys_R, r, sc, q_BSHC, w_BSH, _paged_scores_impl(cfg, sc))
-    picks_BSK, _ = top_visible(scores_BSN, _CachedBlocks(4, n_all).visible_BCN(None, sc.positions_BS), k)
-    return picks_BSK, state, pool
+    return _packed_topk(keys_R, r, sc, q_BSHC, w_BSH, n_all, k, _paged_scores_impl(cfg, sc)), state, pool
   k_BNC = kvf.unpack_keys(read_all(keys_R, r, sc), cfg.index_head_dim, fmt, x_BSD.dtype)
   picks_BSK, _ = select_topk_with_scores(q_BSHC, k_BNC, w_BSH, _CachedBlocks(4, n_all), sc.positions_BS, k,
                                          offset=0)
   return picks_BSK, state, pool
+
+
+def _packed_topk(keys_R, r, sc: StepContext, q_BSHC, w_BSH, n_all: int, k: int, impl: str):
+  """The top-k visible cached entries per query [B, S, k] by the index scores of the packed keys; queries in
+  chunks of the indexer reference's score budget, so a long prefill chunk never holds [B, S, H, N] or
+  [B, S, N] whole (a decode step is one chunk)."""
+  B, S, H, _ = q_BSHC.shape
+  blocks = _CachedBlocks(4, n_all)
+
+  def chunk(q_BCHC, w_BCH, positions_BC):
+    scores_BCN = read_index_scores(keys_R, r, sc, q_BCHC, w_BCH, impl)
+    return top_visible(scores_BCN, blocks.visible_BCN(None, positions_BC), k)[0]
+
+  size = default_query_chunk(B, S, H, n_all)
+  if size >= S:
+    return chunk(q_BSHC, w_BSH, sc.positions_BS)
+  xs = tuple(split_queries(a, size) for a in (q_BSHC, w_BSH, sc.positions_BS))  # padding queries see nothing
+  return merge_queries(jax.lax.map(lambda a: chunk(*a), xs), S)
 
 
 def _paged_scores_impl(cfg, sc: StepContext) -> str:
