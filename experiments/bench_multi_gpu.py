@@ -283,7 +283,7 @@ def serve_decode(contexts: list[int], batch: int, steps: int, bw: float, only=No
   n = jax.device_count()
   cfg = bench_serve.bench_config(SMOKE, 8 if SMOKE else 32).replace(scan_layers=False)
   fmt = "fp8"
-  path = bench_serve.step_moe_path("exact", batch, cfg)  # what the serving steps run at this batch
+  path = bench_serve.step_moe_path("exact", batch)  # what the serving steps run at this batch
   served = f"exact: {'capacity, C = tokens' if path == 'capacity' else path} (serving default)"
   cases = [("1 device", None, served),
            ("tensor", (1, 1, 1, n), served),

@@ -100,11 +100,11 @@ def served_moe_impl(model) -> str:
   return moe_impl(serving_model(model).cfg)
 
 
-def step_moe_path(impl: str, tokens: int, cfg) -> str:
+def step_moe_path(impl: str, tokens: int) -> str:
   """The expert path a step of `tokens` tokens runs under moe_impl `impl` ("exact": the capacity einsums with
   C = tokens where moe.exact_uses_capacity says so, else ragged)."""
   if impl == "exact":
-    return "capacity" if exact_uses_capacity(cfg, tokens) else "ragged"
+    return "capacity" if exact_uses_capacity(tokens) else "ragged"
   return impl
 
 
@@ -415,7 +415,7 @@ def verdict(r: dict) -> str:
                  f"{(d['bytes']['cache'] - short['bytes']['cache']) / GiB:.3f} GiB ≈ "
                  f"{(d['bytes']['cache'] - short['bytes']['cache']) / r['bw'] * 1e3:.2f} ms at the copy rate).")
   if r.get("parts") and d["batch"] == r["parts_batch"]:
-    key = "ragged" if step_moe_path(r["served_moe"], r["parts_batch"], r["cfg"]) == "ragged" else "exact"
+    key = "ragged" if step_moe_path(r["served_moe"], r["parts_batch"]) == "ragged" else "exact"
     moe = next(s * m for n, s, m in r["parts"] if key in n)
     head = next(s * m for n, s, m in r["parts"] if n.startswith("head"))
     rest = d["step_s"] - moe - head
@@ -582,7 +582,7 @@ def main(argv=None) -> int:
     guarded("pieces", parts)
 
   ctx, B = max(contexts), max(batches)
-  if step_moe_path(r["served_moe"], B, cfg) != "capacity" and not args.no_capacity_variant:
+  if step_moe_path(r["served_moe"], B) != "capacity" and not args.no_capacity_variant:
     log(f"decode, capacity-path MoE (C = tokens): context {ctx}, batch {B}")
     guarded("decode, capacity-path MoE",
             lambda: r.__setitem__("decode_capacity", decode_case(direct_decode(model), ctx, B)))

@@ -856,7 +856,7 @@ def main(argv=None) -> int:
            model=("tiny: d 64, 4 layers" if args.small else
                   f"d {cfg.hidden_size}, {cfg.num_hidden_layers} layers, {cfg.n_routed_experts} experts"),
            context=ctx, batch=B, max_context=max_len, steps=args.steps, warmup=args.warmup,
-           moe=f"{served_moe_impl(model)} ({step_moe_path(served_moe_impl(model), B, model.cfg)} at batch {B})",
+           moe=f"{served_moe_impl(model)} ({step_moe_path(served_moe_impl(model), B)} at batch {B})",
            wall=dict(step_us=step_s * 1e6, pipelined_us=pipe_s * 1e6, first_s=first_s),
            profiled_step_us=statistics.median(walls) * 1e6, trace=path, trace_info=info, attribution=a,
            notes=notes, command=" ".join(["python experiments/profile_decode.py"] + without_options(

@@ -232,7 +232,7 @@ def test_exact_path_equals_ragged(T, routing, monkeypatch):
     experts_TK[:, 0] = 3
     experts_TK[:, 1] = np.random.default_rng(14).integers(4, E, T)  # distinct from 3
   small = T <= moe.EXACT_CAPACITY_MAX_TOKENS
-  assert small == moe.exact_uses_capacity(CFG, T)
+  assert small == moe.exact_uses_capacity(T)
   got, ragged, plain = _exact_vs_ragged(T, experts_TK, weights_TK, monkeypatch,
                                         ("capacity_matmuls", T) if small else ("ragged_matmuls", None))
   assert np.abs(ragged).max() > 0

@@ -221,7 +221,7 @@ def test_serving_forces_the_exact_moe(model, tok, monkeypatch):
   h2 = engine.submit([tok.bos_id] * long, SamplingParams(temperature=0.0, max_tokens=2))
   engine.run_until_idle()
   assert len(h.result().token_ids) >= 1 and len(h2.result().token_ids) >= 1
-  assert ran and all(moe.exact_uses_capacity(model.cfg, c) for c in ran)  # short steps took the capacity einsums
+  assert ran and all(moe.exact_uses_capacity(c) for c in ran)  # short steps took the capacity einsums
   assert make_backend(model, 1, 64, "full").cfg.moe_impl == "exact"
   assert model.cfg.moe_impl == "auto"  # the caller's model is not changed
   assert moe.moe_impl(model.cfg) == "capacity"  # the patch does bite an unserved model

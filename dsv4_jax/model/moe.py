@@ -82,9 +82,8 @@ def router_stats(scores_BSE, experts_BSK, n_experts: int):
 EXACT_CAPACITY_MAX_TOKENS = 128
 
 
-def exact_uses_capacity(cfg, tokens: int) -> bool:
+def exact_uses_capacity(tokens: int) -> bool:
   """Whether moe_impl "exact" runs a step of `tokens` tokens on the capacity einsums (C = T) or ragged."""
-  del cfg  # one rule for every expert count so far (see EXACT_CAPACITY_MAX_TOKENS)
   return tokens <= EXACT_CAPACITY_MAX_TOKENS
 
 
@@ -104,7 +103,7 @@ class RoutedExperts(nnx.Module):
     impl = moe_impl(self.cfg)
     if impl == "exact":
       T = x_TD.shape[0]
-      if exact_uses_capacity(self.cfg, T):
+      if exact_uses_capacity(T):
         return self.capacity_matmuls(x_TD, weights_TK, experts_TK, capacity=T)
       return self.ragged_matmuls(x_TD, weights_TK, experts_TK)
     if impl == "alltoall":

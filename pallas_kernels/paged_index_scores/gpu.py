@@ -117,7 +117,7 @@ def _dequant_tile():
   return dequant
 
 
-def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, TILES):  # noqa: N803
+def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, tiles):
   run = min(keys_per_page, TILE)  # keys per contiguous page run
   runs = TILE // run  # copies per tile
   tiled = (plgpu.TilingTransform((8, HALF)), plgpu.SwizzleTransform(128))
@@ -131,7 +131,7 @@ def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, TILES):  # no
     plgpu.copy_gmem_to_smem(w_ref.at[n], w_smem, in_bar)
     plgpu.copy_gmem_to_smem(start_ref.at[n // q_rows_per_b, cta], start_smem, in_bar)
     plgpu.barrier_wait(in_bar)
-    for t in range(TILES):
+    for t in range(tiles):
       for j in range(runs):
         plgpu.copy_gmem_to_smem(pages_ref.at[pl.ds(start_smem[t * runs + j], run // QUAD)],
                                 slots.at[t, pl.ds(j * run // QUAD, run // QUAD)], tile_bar.at[t],
@@ -139,7 +139,7 @@ def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, TILES):  # no
     w = plgpu.load(w_smem, (), layout=head_layout)  # idx: required before jax 0.11
     dequant = _dequant_tile()
 
-    @pl.loop(0, TILES)
+    @pl.loop(0, tiles)
     def _tile(t):
       plgpu.barrier_wait(tile_bar.at[t])
       even, odd = dequant(slots.at[t])
@@ -154,21 +154,21 @@ def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, TILES):  # no
       out_smem[t] = s.sum(axis=1)
 
     plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[n, pl.ds(cta * TILES, TILES)])
+    plgpu.copy_smem_to_gmem(out_smem, out_ref.at[n, pl.ds(cta * tiles, tiles)])
     plgpu.wait_smem_to_gmem(0)
 
   scratch = [
       plgpu.SMEM((2, hp, HALF), jnp.bfloat16, transforms=tiled),
       plgpu.SMEM((hp,), jnp.float32),
-      plgpu.SMEM((_round_up(TILES * runs, 32),), jnp.int32),  # every copy moves a multiple of 128 bytes
-      plgpu.SMEM((TILES, TILE // QUAD, QUAD * ROW), jnp.uint8),  # = [TILES, 64 keys, 68 bytes]
-      plgpu.SMEM((TILES, TILE), jnp.float32),
+      plgpu.SMEM((_round_up(tiles * runs, 32),), jnp.int32),  # every copy moves a multiple of 128 bytes
+      plgpu.SMEM((tiles, TILE // QUAD, QUAD * ROW), jnp.uint8),  # = [tiles, 64 keys, 68 bytes]
+      plgpu.SMEM((tiles, TILE), jnp.float32),
       plgpu.Barrier(num_arrivals=4),
-      plgpu.Barrier(num_arrivals=runs, num_barriers=TILES),
+      plgpu.Barrier(num_arrivals=runs, num_barriers=tiles),
   ]
   return plgpu.kernel(
       body,
-      **{_OUT_KWARG: jax.ShapeDtypeStruct((rows, n_cta * TILES, TILE), jnp.float32)},
+      **{_OUT_KWARG: jax.ShapeDtypeStruct((rows, n_cta * tiles, TILE), jnp.float32)},
       grid=(rows, n_cta),
       grid_names=("n", "c"),
       scratch_types=scratch,
@@ -179,7 +179,7 @@ def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, TILES):  # no
 
 def run_starts(page_table_BP, keys_per_page: int, n_cta: int, tiles: int = TILES):
   """First pool row (page · K + offset, in rows of QUAD keys) of every page run of every tile:
-  [B, n_cta, >= TILES · runs] int32
+  [B, n_cta, >= tiles · runs] int32
   (-1 pages and tiles past the table read page 0: scored, then masked by the caller)."""
   run = min(keys_per_page, TILE)
   P = page_table_BP.shape[1]
