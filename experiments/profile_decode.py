@@ -28,7 +28,8 @@ threads (events whose args carry hlo_op, plus "end: ..." markers that are skippe
 the kernel sum can exceed the busy time (union of intervals). Events are kept when their hlo_module is the
 step's module. Command buffers (CUDA graphs) are switched off for the whole run (XLA_FLAGS
 --xla_gpu_enable_command_buffer=, unless XLA_FLAGS already sets it): a graph shows in the trace as one
-`command_buffer_N` event named after its first kernel, which hides what ran inside it. On the H200 the step's
+`command_buffer_N` event named after its first kernel, which hides what ran inside it (`--command-buffers`
+keeps XLA's default, the way bench_serve and the engine run: for the host-side table and the gaps). On the H200 the step's
 wall time is the same either way (20.19 ms with graphs, 20.32 ms without, 128K x 64, 2026-11-29).
 """
 
@@ -51,7 +52,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):  # before jax starts (docstring)
+if ("xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", "")  # before jax starts (docstring)
+    and "--command-buffers" not in sys.argv[1:]):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import jax  # noqa: E402
@@ -574,6 +576,21 @@ def busy_us(events: list[Event]) -> float:
   return total
 
 
+def host_summary(events: list[Event], steps: int, top: int = 20) -> list[dict]:
+  """Host-side events (processes other than /device:*): per name, inclusive µs and calls per step, the `top`
+  largest; nested events (a launch inside an execute) each count their own full duration."""
+  agg = collections.defaultdict(lambda: [0.0, 0, collections.Counter()])
+  for e in events:
+    if e.process.startswith("/device:") or e.dur <= 0:
+      continue
+    rec = agg[e.name[:90]]
+    rec[0] += e.dur
+    rec[1] += 1
+    rec[2][e.thread[:40]] += 1
+  rows = sorted(agg.items(), key=lambda kv: -kv[1][0])[:top]
+  return [dict(name=n, us=v[0] / steps, calls=v[1] / steps, thread=v[2].most_common(1)[0][0]) for n, v in rows]
+
+
 def split_steps(events: list[Event], steps: int) -> list[list[Event]]:
   """Events cut into `steps` groups at the steps - 1 widest idle gaps (the steps were synced one by one)."""
   ev = sorted(events, key=lambda e: e.ts)
@@ -711,6 +728,13 @@ def write_report(path: str, r: dict) -> str:
   lines += ["", "## By op kind", "", "| kind | ms / step | kernels / step |", "|---|---|---|"]
   for k, us, n in a["kinds"][:15]:
     lines.append(f"| {k} | {ms(us)} | {n:.0f} |")
+  if r.get("host"):
+    lines += ["", f"## Host side (inclusive time per step, top {len(r['host'])})", "",
+              "Events of the host threads while profiled (XLA/PjRt TraceMe scopes, CUDA driver calls); a scope "
+              "includes the calls made inside it.", "", "| host event | ms / step | calls / step | thread |",
+              "|---|---|---|---|"]
+    for h in r["host"]:
+      lines.append(f"| `{h['name']}` | {ms(h['us'])} | {h['calls']:.1f} | {h['thread']} |")
   lines += ["", "Attribution: each kernel's HLO instruction (trace arg `hlo_op`) → its Python stack in the compiled "
                 "module's stack-frame table → a component by the functions on the stack "
                 "(`experiments/profile_decode.py:model_component`); a fusion by its own (root's) metadata, other "
@@ -741,6 +765,8 @@ def main(argv=None) -> int:
   ap.add_argument("--trace-dir", default=None, help="profiler log dir (default /tmp/dsv4_profile_decode)")
   ap.add_argument("--dump-hlo", default=None, help="also write the compiled step's HLO text to this file")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+  ap.add_argument("--command-buffers", action="store_true",
+                  help="keep XLA's CUDA graphs (read before jax starts; the default switches them off)")
   ap.add_argument("--time-budget", type=float, default=220.0,
                   help="seconds; past it after the timing phase, the profile captures one step only")
   args = ap.parse_args(argv)
@@ -846,6 +872,9 @@ def main(argv=None) -> int:
   if dev.platform == "cpu":
     notes.append("CPU backend: ops run as host thunks on several threads, partly in parallel, so the kernel "
                  "sum can exceed busy time and wall; shapes are tiny, so this only checks the tooling.")
+  if dev.platform == "gpu" and args.command_buffers:
+    notes.append("Command buffers on (`--command-buffers`): a CUDA graph's kernels may show as one event, so "
+                 "per-component times are coarse; the gaps and the host table are what this run is for.")
   if dev.platform == "gpu":
     notes.append("While profiling, XLA runs command buffers (CUDA graphs) op by op, so profiled steps can be "
                  "slower than the unprofiled wall time.")
@@ -859,6 +888,7 @@ def main(argv=None) -> int:
            moe=f"{served_moe_impl(model)} ({step_moe_path(served_moe_impl(model), B)} at batch {B})",
            wall=dict(step_us=step_s * 1e6, pipelined_us=pipe_s * 1e6, first_s=first_s),
            profiled_step_us=statistics.median(walls) * 1e6, trace=path, trace_info=info, attribution=a,
+           host=host_summary(events, n_prof), command_buffers=args.command_buffers,
            notes=notes, command=" ".join(["python experiments/profile_decode.py"] + without_options(
                sys.argv[1:] if argv is None else argv, ("--out", "--trace-dir"))))
   os.makedirs(args.out, exist_ok=True)
