@@ -29,7 +29,6 @@ from dsv4_jax.model.cache import (CompressorState, InferenceCache, LayerPool, La
 from dsv4_jax.model.indexer import select_topk_with_scores
 from pallas_kernels._query_chunks import merge_queries, split_queries
 from pallas_kernels.indexer_topk.reference import default_query_chunk, top_visible
-from pallas_kernels.indexer_topk.select import select_top_k
 from dsv4_jax.model.options import INFERENCE
 
 
@@ -263,18 +262,13 @@ def _index_step(indexer, x_BSD, qr_BSQ, sc, state: LayerState, pool: LayerPool, 
 def _packed_topk(keys_R, r, sc: StepContext, q_BSHC, w_BSH, n_all: int, k: int, impl: str):
   """The top-k visible cached entries per query [B, S, k] by the index scores of the packed keys; queries in
   chunks of the indexer reference's score budget, so a long prefill chunk never holds [B, S, H, N] or
-  [B, S, N] whole (a decode step is one chunk). On the kernel path (impl "auto") the entries are picked by
-  indexer_topk.select (no sort: lax.top_k is a CUB sort on GPUs, outside the CUDA graphs) in index order;
-  on the reference path by lax.top_k, best first. The same entries either way; attention ignores order."""
+  [B, S, N] whole (a decode step is one chunk)."""
   B, S, H, _ = q_BSHC.shape
   blocks = _CachedBlocks(4, n_all)
 
   def chunk(q_BCHC, w_BCH, positions_BC):
     scores_BCN = read_index_scores(keys_R, r, sc, q_BCHC, w_BCH, impl)
-    visible_BCN = blocks.visible_BCN(None, positions_BC)
-    if impl == "reference":
-      return top_visible(scores_BCN, visible_BCN, k)[0]
-    return select_top_k(scores_BCN, visible_BCN, k)  # the same entries, no sort (kernel path)
+    return top_visible(scores_BCN, blocks.visible_BCN(None, positions_BC), k)[0]
 
   size = default_query_chunk(B, S, H, n_all)
   if size >= S:
