@@ -667,7 +667,7 @@ def jitted_step(decode):
 
   for fn in cells(decode).values():
     inner = cells(fn) if callable(fn) else {}
-    if hasattr(inner.get("step"), "lower") and "params" in inner:
+    if hasattr(inner.get("step"), "lower") and "params" in inner:  # params: the flat list of arrays
       return inner["step"], inner["params"]
   return None
 
