@@ -155,12 +155,6 @@ def read_index_scores(keys_R, r, sc: StepContext, q_BSHC, w_BSH, impl: str):
   return _paged(sc, scores, keys_R, r, (q_BSHC, w_BSH), out_pool=False)
 
 
-def materialized(rows):
-  """Packed rows gathered from the pages, kept as their own array: fused into the unpacking and the
-  concatenation of the attention keys, the gather runs once per unpacked element instead of once per row."""
-  return jax.lax.optimization_barrier(rows)
-
-
 def read_entries(pool_R, r, sc: StepContext, entry_BX):
 
   def read(pool_R, r, table_BP, entry_BX):
@@ -201,17 +195,17 @@ def attention_step(attn, x_BSD, sc: StepContext, state: LayerState, pool: LayerP
     if attn.indexer is None:  # HCA: every visible entry
       i_N = jnp.arange(n_all, dtype=jnp.int32)
       visible = _CachedBlocks(m, n_all).visible_BCN(None, sc.positions_BS)
-      keys.append(unpack(materialized(read_all(entries_R, r, sc))))
+      keys.append(unpack(read_all(entries_R, r, sc)))
       indices.append(jnp.where(visible, offset + i_N, -1))
     else:
       picks_BSK, new_state, pool = _index_step(attn.indexer, x_BSD, qr_BSQ, sc, new_state, pool, r, n_all)
       K = picks_BSK.shape[-1]
       if S * K < n_all:  # few queries (decode): gather just the picked entries, per query
-        keys.append(unpack(materialized(read_entries(entries_R, r, sc, picks_BSK))).reshape(B, S * K, c))
+        keys.append(unpack(read_entries(entries_R, r, sc, picks_BSK)).reshape(B, S * K, c))
         own_BSK = offset + (jnp.arange(S, dtype=jnp.int32)[:, None] * K + jnp.arange(K, dtype=jnp.int32))
         indices.append(jnp.where(picks_BSK >= 0, own_BSK[None], -1))
       else:
-        keys.append(unpack(materialized(read_all(entries_R, r, sc))))
+        keys.append(unpack(read_all(entries_R, r, sc)))
         indices.append(jnp.where(picks_BSK >= 0, offset + picks_BSK, -1))
 
   if sc.candidates:
