@@ -33,19 +33,6 @@ COMPILER_OPTIONS = {"default": None, "cb-off": {"xla_gpu_enable_command_buffer":
 GATHERS = ("gathers-fused", "gathers-materialized")
 
 
-def decode_step(model, compiler_options):
-  """make_decode's step (flat parameters, cache donated) with XLA compiler options for this executable."""
-  from dsv4_jax.serve.backend import serving_model  # noqa: PLC0415
-  graphdef, state = nnx.split(serving_model(model))
-  params, treedef = jax.tree.flatten(state)
-
-  def body(params, cache, tokens, max_context):
-    return nnx.merge(graphdef, jax.tree.unflatten(treedef, params)).decode(tokens, cache, max_context=max_context)
-
-  step = jax.jit(body, donate_argnums=(1,), static_argnames=("max_context",), compiler_options=compiler_options)
-  return lambda tokens, cache, max_context=None: step(params, cache, tokens, max_context=max_context)
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--context", type=int, default=131072)
@@ -76,7 +63,7 @@ def main(argv=None) -> int:
       decode_lib.materialized = keep if name == "gathers-materialized" else (lambda rows: rows)
       decode = make_decode(model)
     else:
-      decode = decode_step(model, COMPILER_OPTIONS[name])
+      decode = make_decode(model, compiler_options=COMPILER_OPTIONS[name])
     s, p, first, cache = time_decode(decode, cache, args.batch, cfg.vocab_size, args.steps, args.warmup,
                                      max_context=max_len)
     if keep is not None:

@@ -125,6 +125,20 @@ def test_fp8_indexer_queries_in_chunks(run, monkeypatch):
   np.testing.assert_array_equal(np.asarray(chunked), np.asarray(whole))
 
 
+def test_steps_take_compiler_options(run):
+  """make_decode / make_prefill hand XLA options to their step's compile: a valid one changes nothing here, an
+  unknown one is refused by XLA (so they do reach it)."""
+  tokens, lengths = jnp.asarray(run.tokens[:, :40]), jnp.asarray([40, 17])
+  want, _ = run.prefill(tokens, run.cache(), lengths)
+  prefill = make_prefill(run.model, compiler_options={"xla_cpu_enable_fast_min_max": False})
+  got, cache = prefill(tokens, run.cache(), lengths)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  decode = make_decode(run.model, compiler_options={"xla_cpu_enable_fast_min_max": False})
+  assert np.isfinite(np.asarray(decode(tokens[:, :1], cache)[0])).all()
+  with pytest.raises(Exception, match="no_such_xla_option"):
+    make_decode(run.model, compiler_options={"no_such_xla_option": True})(tokens[:, :1], run.cache())
+
+
 def test_bad_inputs(run):
   model = run.model
   cache = model.init_cache(2, 64, kv_format="float32")

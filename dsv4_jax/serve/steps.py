@@ -38,7 +38,7 @@ from dsv4_jax.model.cache import cache_shardings, shard_cache
 from dsv4_jax.sharding import traced_under
 
 
-def _jitted(model, method: str, extra: str, mesh=None):
+def _jitted(model, method: str, extra: str, mesh=None, compiler_options=None):
   from dsv4_jax.serve.backend import serving_model
   graphdef, state = nnx.split(serving_model(model))  # exact MoE (moe_impl "exact") for serving
   # The parameters go in as a flat list of arrays: flattening the nested nnx.State on every call cost ~0.14 ms
@@ -50,7 +50,7 @@ def _jitted(model, method: str, extra: str, mesh=None):
     return fn(tokens, cache, slots=slots, max_context=max_context, **{extra: arg})
 
   if mesh is None:
-    step = jax.jit(body, donate_argnums=(1,), static_argnames=("max_context",))
+    step = jax.jit(body, donate_argnums=(1,), static_argnames=("max_context",), compiler_options=compiler_options)
 
     def run(tokens, cache, arg=None, slots=None, max_context=None):
       return step(params, cache, tokens, arg, slots, max_context=max_context)
@@ -66,24 +66,26 @@ def _jitted(model, method: str, extra: str, mesh=None):
     if key not in steps:
       # None: the argument's own sharding (the parameters keep theirs) / the output's as GSPMD propagates it.
       steps[key] = jax.jit(body, static_argnums=(5,), donate_argnums=(1,),
-                           in_shardings=(None, shardings, None, None, None), out_shardings=(None, shardings))
+                           in_shardings=(None, shardings, None, None, None), out_shardings=(None, shardings),
+                           compiler_options=compiler_options)
     cache = shard_cache(cache, mesh)  # no-op for a cache already placed so (every cache a step returns)
     return steps[key](params, cache, tokens, arg, slots, max_context)  # jit takes no kwargs with in_shardings
 
   return run
 
 
-def make_prefill(model, mesh=None):
+def make_prefill(model, mesh=None, compiler_options=None):
   """`prefill(tokens [B, S], cache, lengths=None, slots=None, max_context=None) -> (logits [B, S, V], cache)`;
-  with `mesh`, the cache is kept sharded on it (see the module docstring)."""
-  run = _jitted(model, "prefill", "lengths", mesh)
+  with `mesh`, the cache is kept sharded on it (see the module docstring); `compiler_options` as make_decode's."""
+  run = _jitted(model, "prefill", "lengths", mesh, compiler_options)
   return lambda tokens, cache, lengths=None, slots=None, max_context=None: run(tokens, cache, lengths, slots,
                                                                                max_context)
 
 
-def make_decode(model, mesh=None):
+def make_decode(model, mesh=None, compiler_options=None):
   """`decode(tokens [B, 1], cache, active=None, slots=None, max_context=None) -> (logits [B, 1, V], cache)`;
-  with `mesh`, the cache is kept sharded on it (see the module docstring)."""
-  run = _jitted(model, "decode", "active", mesh)
+  with `mesh`, the cache is kept sharded on it (see the module docstring). `compiler_options`: XLA options for
+  this step only (jax.jit's), e.g. {"xla_gpu_enable_command_buffer": ""} for no CUDA graphs."""
+  run = _jitted(model, "decode", "active", mesh, compiler_options)
   return lambda tokens, cache, active=None, slots=None, max_context=None: run(tokens, cache, active, slots,
                                                                               max_context)
