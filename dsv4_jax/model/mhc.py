@@ -53,7 +53,11 @@ def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
   c = _normalize_cols(c, eps)
 
   for _ in range(iters - 1):  # a barrier per iteration: each is one fusion, and XLA does not fuse across them
-    c = jax.lax.optimization_barrier(_normalize_cols(_normalize_rows(c, eps), eps))
+    c = _normalize_cols(_normalize_rows(c, eps), eps)
+    # The n·n values cross the barrier as one stacked array: as n·n separate arrays, tiny batches (one token:
+    # scalars) got one kernel per value per iteration (3,505 of the 3,889 kernels of a batch-1 decode step).
+    flat = jax.lax.optimization_barrier(jnp.stack([v for row in c for v in row], axis=-1))
+    c = [[flat[..., i * n + j] for j in range(n)] for i in range(n)]
   return jnp.stack([jnp.stack(row, axis=-1) for row in c], axis=-2)
 
 
@@ -79,7 +83,9 @@ def sinkhorn(logits_NN, iters: int, eps: float):
   iterations are unrolled, not a while loop, with an optimization barrier between them: on the H200 the 6-layer
   bench decode step's mHC went from 0.80 ms in 578 kernels (loop) to 0.61 ms in 338 (2026-11-29); unrolled
   without barriers, XLA:GPU fused across iterations and took 266 s to compile that step (33 s now, 13 s with the
-  loop; deviceless H200 compiles). The backward differentiates the loop form with
+  loop; deviceless H200 compiles). The n·n values cross each barrier stacked in one array: passed as n·n arrays,
+  a one-token batch (scalars) got a kernel per value per iteration, 3,889 kernels in a batch-1 decode step
+  instead of 637 (`experiments/decode_kernels.py`). The backward differentiates the loop form with
   reductions (`_sinkhorn_loop`): autodiff of the elementwise graph compiles slowly on XLA:CPU.
   """
   if logits_NN.ndim < 2 or logits_NN.shape[-2] != logits_NN.shape[-1]:
