@@ -61,6 +61,8 @@ def main(argv=None) -> int:
   ap.add_argument("--context", type=int, default=131072)
   ap.add_argument("--batch", type=int, default=64)
   ap.add_argument("--experts", type=int, default=32)
+  ap.add_argument("--sinkhorn-iters-per-fusion", type=int, default=None,
+                  help="set dsv4_jax.model.mhc.ITERS_PER_FUSION for this compile (default: the code's)")
   ap.add_argument("--dump", default=None, help="XLA dump directory (default: a temporary one)")
   args = ap.parse_args(argv)
   dump = args.dump or tempfile.mkdtemp(prefix="dsv4_decode_kernels_")
@@ -85,6 +87,9 @@ def main(argv=None) -> int:
   except Exception as e:  # noqa: BLE001
     raise SystemExit(f"no deviceless CUDA compile here ({type(e).__name__}: {e}); see the docstring for the "
                      "plugin install and environment") from None
+  if args.sinkhorn_iters_per_fusion:
+    from dsv4_jax.model import mhc  # noqa: PLC0415
+    mhc.ITERS_PER_FUSION = args.sinkhorn_iters_per_fusion
   jax.default_backend = lambda: "gpu"  # the kernels' dispatch asks the default backend; the target is a GPU
   cfg = bench_config(False, args.experts, attention_impl="gpu").replace(scan_layers=False)
   model = serving_model(nnx.eval_shape(lambda: DeepSeekV4(cfg, rngs=nnx.Rngs(0))))

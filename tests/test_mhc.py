@@ -146,10 +146,19 @@ def test_sinkhorn_gradient_equals_loop(shape, iters):
     np.testing.assert_allclose(got, grad(mhc._sinkhorn_unrolled), rtol=1e-5, atol=2e-6 * np.abs(want).max())
 
 
-def test_sinkhorn_is_loop_free():
-  """The projection is elementwise ops (no reduce over the n axes, no while loop), a barrier per iteration."""
-  hlo = jax.jit(mhc.sinkhorn, static_argnums=(1, 2)).lower(jnp.zeros((8, N, N)), 20, EPS).as_text()
-  assert "reduce" not in hlo and "while" not in hlo and hlo.count("optimization_barrier") == 19
+@pytest.mark.parametrize("per_fusion", [1, 4])
+def test_sinkhorn_is_loop_free(monkeypatch, per_fusion):
+  """The projection is elementwise ops (no reduce over the n axes, no while loop), a barrier every
+  ITERS_PER_FUSION iterations and after the last, each on one stacked [..., n·n] array (n·n separate scalars
+  made a kernel per value at batch 1)."""
+  monkeypatch.setattr(mhc, "ITERS_PER_FUSION", per_fusion)
+  jax.clear_caches()  # the constant is read at trace time
+  for lead in [(8,), ()]:
+    hlo = jax.jit(lambda x: mhc.sinkhorn(x, 20, EPS)).lower(jnp.zeros(lead + (N, N))).as_text()
+    barriers = [line for line in hlo.splitlines() if "optimization_barrier" in line]
+    assert "reduce" not in hlo and "while" not in hlo
+    assert len(barriers) == len([it for it in range(1, 20) if it % per_fusion == 0 or it == 19])
+    assert all(line.count("tensor<") == 1 and f"{N * N}xf32>" in line for line in barriers), barriers[0]
 
 
 @pytest.mark.parametrize("shape, iters, what", [((N,), 20, "square"), ((3, N, N + 1), 20, "square"),

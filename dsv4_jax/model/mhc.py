@@ -16,6 +16,9 @@ from flax import nnx
 from dsv4_jax.model.common import param, rms_normalize
 
 
+ITERS_PER_FUSION = 4  # Sinkhorn iterations per fused kernel (between optimization barriers); see sinkhorn
+
+
 def _total(terms):
   """Left-to-right sum of a list of same-shaped arrays (an unrolled reduction: elementwise ops only)."""
   out = terms[0]
@@ -52,8 +55,10 @@ def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
     c.append([v / s + eps for v in e])
   c = _normalize_cols(c, eps)
 
-  for _ in range(iters - 1):  # a barrier per iteration: each is one fusion, and XLA does not fuse across them
+  for it in range(1, iters):  # a barrier every ITERS_PER_FUSION iterations: XLA does not fuse across them
     c = _normalize_cols(_normalize_rows(c, eps), eps)
+    if it % ITERS_PER_FUSION and it < iters - 1:
+      continue
     # The n·n values cross the barrier as one stacked array: as n·n separate arrays, tiny batches (one token:
     # scalars) got one kernel per value per iteration (3,505 of the 3,889 kernels of a batch-1 decode step).
     flat = jax.lax.optimization_barrier(jnp.stack([v for row in c for v in row], axis=-1))
@@ -84,8 +89,10 @@ def sinkhorn(logits_NN, iters: int, eps: float):
   bench decode step's mHC went from 0.80 ms in 578 kernels (loop) to 0.61 ms in 338 (2026-11-29); unrolled
   without barriers, XLA:GPU fused across iterations and took 266 s to compile that step (33 s now, 13 s with the
   loop; deviceless H200 compiles). The n·n values cross each barrier stacked in one array: passed as n·n arrays,
-  a one-token batch (scalars) got a kernel per value per iteration, 3,889 kernels in a batch-1 decode step
-  instead of 637 (`experiments/decode_kernels.py`). The backward differentiates the loop form with
+  a one-token batch (scalars) got a kernel per value per iteration (3,898 kernels in a batch-1 decode step, 646
+  stacked). Stacked, ITERS_PER_FUSION = 4 iterations share a kernel at no compile cost: the 128K × 64 bench
+  step has 503 kernels and compiles in 32.5 s (1 per fusion: 659, 33.3 s; all 19 in one: 467, 196 s);
+  `experiments/decode_kernels.py`, results/decode_kernels.md. The backward differentiates the loop form with
   reductions (`_sinkhorn_loop`): autodiff of the elementwise graph compiles slowly on XLA:CPU.
   """
   if logits_NN.ndim < 2 or logits_NN.shape[-2] != logits_NN.shape[-1]:
