@@ -57,7 +57,7 @@ def main(argv=None) -> int:
   cache = fill_synthetic(model.init_cache(args.batch, max_len, kv_format="fp8"), cfg, args.context,
                          seed=args.context + args.batch)
   jax.block_until_ready(cache)
-  keep = getattr(decode_lib, "materialized", None)
+  keep = getattr(decode_lib, "materialized", None)  # each gathers-* variant sets it before its trace
   for name in args.variants:
     if name in GATHERS:
       decode_lib.materialized = keep if name == "gathers-materialized" else (lambda rows: rows)
@@ -66,8 +66,6 @@ def main(argv=None) -> int:
       decode = make_decode(model, compiler_options=COMPILER_OPTIONS[name])
     s, p, first, cache = time_decode(decode, cache, args.batch, cfg.vocab_size, args.steps, args.warmup,
                                      max_context=max_len)
-    if keep is not None:
-      decode_lib.materialized = keep
     log(f"RESULT {args.context} x {args.batch} {name}: synced {s * 1e3:.3f} ms, back-to-back {p * 1e3:.3f} ms, "
         f"compile + first {first:.0f} s")
   return 0

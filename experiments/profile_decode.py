@@ -29,8 +29,9 @@ the kernel sum can exceed the busy time (union of intervals). Events are kept wh
 step's module. Command buffers (CUDA graphs) are switched off for the whole run (XLA_FLAGS
 --xla_gpu_enable_command_buffer=, unless XLA_FLAGS already sets it): a graph shows in the trace as one
 `command_buffer_N` event named after its first kernel, which hides what ran inside it (`--command-buffers`
-keeps XLA's default, the way bench_serve and the engine run: for the host-side table and the gaps). On the H200 the step's
-wall time is the same either way (20.19 ms with graphs, 20.32 ms without, 128K x 64, 2026-11-29).
+keeps XLA's default, the way bench_serve and the engine run: for the host-side table and the gaps). On the
+H200 the step's wall time is the same either way (20.19 ms with graphs, 20.32 ms without, 128K x 64,
+2026-11-29).
 """
 
 from __future__ import annotations
