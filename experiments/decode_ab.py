@@ -10,7 +10,9 @@ side: dispatch, CUDA-graph update and launch) while the variants differ by less.
 Variants: `default` (the code as is); `cb-off` (XLA command buffers off for this step: compiler option
 xla_gpu_enable_command_buffer=""), `cb-no-custom-calls` (graphs of fusions and cuBLAS/cuDNN calls only, the
 Mosaic GPU kernels launched alone); `gathers-fused` / `gathers-materialized` (needs dsv4_jax.model.decode
-.materialized, which only commit a7005a3 has: `git checkout a7005a3 -- dsv4_jax/model/decode.py`).
+.materialized, which only commit a7005a3 has: `git checkout a7005a3 -- dsv4_jax/model/decode.py`);
+`sinkhorn-kN` (mHC's Sinkhorn with N iterations per fused kernel: dsv4_jax.model.mhc.ITERS_PER_FUSION = N),
+`sinkhorn-lists` (the form before b960015: the n·n values cross each per-iteration barrier as n·n arrays).
 Prints one RESULT line per variant.
 """
 
@@ -31,6 +33,21 @@ from bench_serve import bench_config, fill_synthetic, log, time_decode  # noqa: 
 COMPILER_OPTIONS = {"default": None, "cb-off": {"xla_gpu_enable_command_buffer": ""},
                     "cb-no-custom-calls": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN"}}
 GATHERS = ("gathers-fused", "gathers-materialized")
+SINKHORN = ("sinkhorn-k1", "sinkhorn-k2", "sinkhorn-k4", "sinkhorn-k8", "sinkhorn-lists")
+
+
+_CODE_SINKHORN = []  # mhc._sinkhorn_unrolled as the code has it (main sets it before patching)
+
+
+def sinkhorn_lists(logits_NN, iters: int, eps: float):
+  """mHC's unrolled Sinkhorn as before b960015: a barrier per iteration, the values crossing it as n·n arrays."""
+  from dsv4_jax.model import mhc  # noqa: PLC0415
+  first = _CODE_SINKHORN[0](logits_NN, 1, eps)  # the code's row softmax + first column normalization
+  n = first.shape[-1]
+  c = [[first[..., i, j] for j in range(n)] for i in range(n)]
+  for _ in range(iters - 1):
+    c = jax.lax.optimization_barrier(mhc._normalize_cols(mhc._normalize_rows(c, eps), eps))
+  return jax.numpy.stack([jax.numpy.stack(row, axis=-1) for row in c], axis=-2)
 
 
 def main(argv=None) -> int:
@@ -42,9 +59,10 @@ def main(argv=None) -> int:
   ap.add_argument("--experts", type=int, default=32)
   ap.add_argument("--small", action="store_true", help="bench_serve's tiny model, reference attention: a CPU check")
   ap.add_argument("--variants", nargs="+", default=["default", "cb-off"],
-                  choices=sorted(COMPILER_OPTIONS) + list(GATHERS))
+                  choices=sorted(COMPILER_OPTIONS) + list(GATHERS) + list(SINKHORN))
   args = ap.parse_args(argv)
   from dsv4_jax.model import decode as decode_lib  # noqa: PLC0415
+  from dsv4_jax.model import mhc  # noqa: PLC0415
   from dsv4_jax.model.transformer import DeepSeekV4  # noqa: PLC0415
   from dsv4_jax.serve.steps import make_decode  # noqa: PLC0415
   if any(v in GATHERS for v in args.variants) and not hasattr(decode_lib, "materialized"):
@@ -58,8 +76,17 @@ def main(argv=None) -> int:
                          seed=args.context + args.batch)
   jax.block_until_ready(cache)
   keep = getattr(decode_lib, "materialized", None)  # each gathers-* variant sets it before its trace
+  sinkhorn, iters_per_fusion = mhc._sinkhorn_unrolled, mhc.ITERS_PER_FUSION
+  _CODE_SINKHORN[:] = [sinkhorn]
   for name in args.variants:
-    if name in GATHERS:
+    mhc._sinkhorn_unrolled, mhc.ITERS_PER_FUSION = sinkhorn, iters_per_fusion  # the code's, unless set below
+    if name in SINKHORN:
+      if name == "sinkhorn-lists":
+        mhc._sinkhorn_unrolled = sinkhorn_lists
+      else:
+        mhc.ITERS_PER_FUSION = int(name.removeprefix("sinkhorn-k"))
+      decode = make_decode(model)
+    elif name in GATHERS:
       decode_lib.materialized = keep if name == "gathers-materialized" else (lambda rows: rows)
       decode = make_decode(model)
     else:

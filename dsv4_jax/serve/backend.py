@@ -6,6 +6,12 @@
   backend.fork(src, dst)                                   dst continues src's sequence (Quick Instruction)
   backend.extend(slots, token_lists) -> logits [len(slots), V]  each slot's sequence grows by its tokens
 
+Optional, for the engine's dispatch-ahead mode (CachedBackend has them): the next token drawn on the device and
+kept there as the slot's next input, read later (DrawnTokens.read()), so a step is dispatched before the previous
+one's tokens reach the host:
+  backend.prefill_sample(slot, prompt_ids, rows) -> DrawnTokens     rows: SamplingRows of one row
+  backend.decode_sample(slots, rows)             -> DrawnTokens     rows: SamplingRows of num_slots rows
+
 Both backends serve `serving_model(model)`: routed experts on moe_impl "exact", which drops nothing (the capacity
 path that moe_impl "auto" picks on GPU drops tokens past an expert's capacity, so a request's output would
 depend on the batch it shares a step with): steps of few tokens (decode, MTP verification) run the capacity

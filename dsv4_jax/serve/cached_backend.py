@@ -9,10 +9,17 @@ Freeing a slot for the next request uses the cache's per-slot release operation 
 Every step passes `max_context`, the longest row's length after the step rounded up to a power of two (at least
 MIN_CONTEXT_BUCKET, at most max_len): the compressed entries are then read from the pages that can hold data,
 not from the whole page table of a max_len slot; one compile per bucket.
+
+Dispatch-ahead (what the engine uses): `decode_sample(slots, rows)` and `prefill_sample(slot, prompt_ids, rows)`
+draw the next token on the device (dsv4_jax.serve.sampling.pick_tokens, fused into the step) and keep it there as
+the slot's next input, so a step can be dispatched before the previous one's tokens reach the host. They return
+DrawnTokens, read later; the cache's overflow flag comes back with them instead of being checked (a host sync)
+after each step.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 
@@ -20,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from dsv4_jax.serve.sampling import SamplingRows, pick_tokens
 
 RELEASE_OP_PLACES = ("dsv4_jax.serve.cache", "dsv4_jax.serve.steps", "dsv4_jax.model.cache")
 RELEASE_OP_NAMES = ("release_slot", "reset_slot")
@@ -70,6 +79,28 @@ def padded_extension(lengths, slots, token_lists, max_len: int, bucket: int):
   return tokens, n
 
 
+OVERFLOW_MESSAGE = "the KV cache overflowed (out of pages or past max_len); its last writes were dropped"
+
+
+@dataclasses.dataclass
+class DrawnTokens:
+  """Tokens a dispatch-ahead step drew on the device, on their way to the host (the copy starts at once).
+
+  tokens_B [num_slots] int32: every slot's next input token after the step (the rows it drew, the others as
+  they were); overflow: the cache's flag after it. `read()` waits for both; it raises if the cache overflowed."""
+  tokens_B: jax.Array
+  overflow: jax.Array
+
+  def __post_init__(self):
+    for x in (self.tokens_B, self.overflow):
+      x.copy_to_host_async()
+
+  def read(self) -> np.ndarray:
+    if bool(self.overflow):
+      raise RuntimeError(OVERFLOW_MESSAGE)
+    return np.asarray(self.tokens_B)
+
+
 class CachedBackend:
   """Slots are the rows of one batched cache. Prompts are right-padded to a multiple of `bucket` (one compile per
   bucket); decode always steps the whole batch with the free rows inactive (one compile).
@@ -105,13 +136,15 @@ class CachedBackend:
     if mesh is not None:
       from dsv4_jax.model.cache import cache_shardings
       shardings = cache_shardings(self.cache, mesh)
-    pin = lambda n: {} if mesh is None else dict(in_shardings=(None, shardings) + (None,) * (n - 2),
-                                                 out_shardings=(None, shardings))  # the cache kept sharded
+    def pin(n, outs=1):  # the cache (argument 1, last output) kept sharded; `outs` outputs before it
+      return {} if mesh is None else dict(in_shardings=(None, shardings) + (None,) * (n - 2),
+                                          out_shardings=(None,) * outs + (shardings,))
     self._lengths: list[int | None] = [None] * num_slots  # tokens in each slot; None = free
     graphdef, self._state = nnx.split(model)
 
-    def step(n):  # n array arguments, then max_context: static and positional (jit with in_shardings takes no
-      return functools.partial(jax.jit, donate_argnums=(1,), static_argnums=(n,), **pin(n))  # keyword arguments)
+    def step(n, statics=1, outs=1):  # n array arguments, then the static ones (max_context, ...): positional (jit
+      return functools.partial(jax.jit, donate_argnums=(1,),  # with in_shardings takes no keyword arguments)
+                               static_argnums=tuple(range(n, n + statics)), **pin(n, outs))
 
     @step(5)
     def prefill(state, cache, tokens_1S, length_1, slot_1, max_context):
@@ -130,7 +163,26 @@ class CachedBackend:
                                                          max_context=max_context)
       return logits[jnp.arange(tokens_NS.shape[0]), counts_N - 1], cache
 
+    @step(9, statics=2, outs=2)
+    def decode_sample(state, cache, next_B, active_B, seeds, positions, temperature, top_k, top_p, max_context,
+                      greedy_only):
+      logits, cache = nnx.merge(graphdef, state).decode(next_B[:, None], cache, active=active_B,
+                                                        max_context=max_context)
+      drawn_B = pick_tokens(logits[:, 0], seeds, positions, temperature, top_k, top_p, greedy_only=greedy_only)
+      return jnp.where(active_B, drawn_B, next_B), cache.overflow, cache
+
+    @step(11, statics=2, outs=2)
+    def prefill_sample(state, cache, next_B, tokens_1S, length_1, slot_1, seeds, positions, temperature, top_k,
+                       top_p, max_context, greedy_only):
+      logits, cache = nnx.merge(graphdef, state).prefill(tokens_1S, cache, length_1, slots=slot_1,
+                                                         max_context=max_context)
+      drawn = pick_tokens(logits[:, length_1[0] - 1], seeds, positions, temperature, top_k, top_p,
+                          greedy_only=greedy_only)
+      return next_B.at[slot_1[0]].set(drawn[0]), cache.overflow, cache
+
     self._prefill, self._decode, self._extend = prefill, decode, extend
+    self._decode_sample, self._prefill_sample = decode_sample, prefill_sample
+    self._next = jnp.zeros(num_slots, jnp.int32)  # each slot's next input token (dispatch-ahead steps)
 
   def prefill(self, slot, prompt_ids):
     tokens, n = padded_prompt(self._lengths, slot, prompt_ids, self.max_len, self.bucket)
@@ -156,6 +208,38 @@ class CachedBackend:
       self._lengths[slot] += 1
     self._check()
     return logits[jnp.asarray(list(slots))]
+
+  def decode_sample(self, slots, rows: SamplingRows) -> DrawnTokens:
+    """Feeds each slot in `slots` its next token (the one its last prefill_sample / decode_sample drew) and draws
+    the following one with rows' parameters (SamplingRows of num_slots rows); nothing waits for the device."""
+    if len(rows.seeds) != self.num_slots:
+      raise ValueError(f"sampling rows: need {self.num_slots} (one per slot), got {len(rows.seeds)}")
+    active = np.zeros(self.num_slots, bool)
+    for slot in slots:
+      if self._lengths[slot] is None:
+        raise RuntimeError(f"slot {slot} holds no sequence")
+      if self._lengths[slot] >= self.max_len:
+        raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
+      active[slot] = True
+    longest = max([n + 1 if active[s] else n for s, n in enumerate(self._lengths) if n is not None])
+    self._next, overflow, self.cache = self._decode_sample(
+        self._state, self.cache, self._next, jnp.asarray(active), *rows.arrays, self._context_bucket(longest),
+        rows.greedy_only)
+    for slot in slots:
+      self._lengths[slot] += 1
+    return DrawnTokens(self._next, overflow)
+
+  def prefill_sample(self, slot, prompt_ids, rows: SamplingRows) -> DrawnTokens:
+    """Prefills free slot `slot` with the prompt and draws its first token (rows: SamplingRows of one row) on the
+    device, as the slot's next input; nothing waits for the device."""
+    tokens, n = padded_prompt(self._lengths, slot, prompt_ids, self.max_len, self.bucket)
+    if len(rows.seeds) != 1:
+      raise ValueError(f"sampling rows: need 1 for a prefill, got {len(rows.seeds)}")
+    self._next, overflow, self.cache = self._prefill_sample(
+        self._state, self.cache, self._next, jnp.asarray(tokens), jnp.asarray([n], jnp.int32),
+        jnp.asarray([slot], jnp.int32), *rows.arrays, self._context_bucket(n), rows.greedy_only)
+    self._lengths[slot] = n
+    return DrawnTokens(self._next, overflow)
 
   def fork(self, src, dst):
     """Slot `dst` (free) continues slot `src`'s sequence, sharing its finished cache pages (serve.cache.fork_slot)."""
@@ -197,4 +281,4 @@ class CachedBackend:
 
   def _check(self):
     if bool(self.cache.overflow):
-      raise RuntimeError("the KV cache overflowed (out of pages or past max_len); its last writes were dropped")
+      raise RuntimeError(OVERFLOW_MESSAGE)

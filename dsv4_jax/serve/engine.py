@@ -13,6 +13,12 @@ Requests wait in a FIFO queue and take a free slot as one frees up. Each step de
 parameters: the key of token i is fold_in(key(seed), i), and the backend's logits for a slot depend only on that
 slot's sequence, so a request's output is the same alone or batched.
 
+Dispatch-ahead: with a backend that draws tokens on the device (CachedBackend.decode_sample / prefill_sample), a
+step dispatches its decode before reading the previous step's tokens, so the host's work (stop strings, streaming,
+the next step's dispatch) overlaps the device's. A request's tokens are the same as with a step that waits (same
+keys, same logits); a request that hits a stop token or string has had one more token computed, discarded
+(its slot is released a step later). Engine(..., dispatch_ahead=False) waits for every step.
+
 Speed: give the backend a model built with scan_layers=False (`dsv4 generate` / `dsv4 serve` load so; in process,
 load_pretrained(..., scan_layers=False) or `dsv4_jax.unstack_layers(model)`, which copies the main layers): a
 scanned layer stack copies each layer's expert weights out of the stack every decode step (H200, Flash-shaped
@@ -36,7 +42,7 @@ import numpy as np
 from dsv4_jax.serve.conversation import encode_chat, parse_completion
 from dsv4_jax.serve.detok import TextStream
 from dsv4_jax.serve.params import InvalidRequest, SamplingParams
-from dsv4_jax.serve.sampling import sample_rows
+from dsv4_jax.serve.sampling import SamplingRows, sample_rows
 
 log = logging.getLogger(__name__)
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -139,6 +145,7 @@ class _Running:
   max_tokens: int
   token_ids: list = dataclasses.field(default_factory=list)
   last: int | None = None  # the sampled token not yet fed to the backend
+  issued: int = 0  # dispatch-ahead: tokens drawn or being drawn on the device (the next one's index)
 
 
 @dataclasses.dataclass
@@ -154,7 +161,15 @@ class Engine:
   """Continuous batching over `backend` (see backend.py). Not thread-safe except `submit*`, `cancel` (on the
   handle), `start` and `shutdown`: `step` runs in one thread at a time (the background thread once started)."""
 
-  def __init__(self, backend, tokenizer, *, eos_id: int | None = None):
+  def __init__(self, backend, tokenizer, *, eos_id: int | None = None, dispatch_ahead: bool | None = None):
+    """dispatch_ahead: None = when the backend can (draws tokens on the device, not speculative); True requires
+    it; False waits for each step's tokens before the next step."""
+    able = hasattr(backend, "decode_sample") and not getattr(backend, "speculative", False)
+    if dispatch_ahead and not able:
+      raise ValueError(f"dispatch_ahead needs a backend that draws tokens on the device (decode_sample / "
+                       f"prefill_sample, not speculative); {type(backend).__name__} does not")
+    self.dispatch_ahead = able if dispatch_ahead is None else dispatch_ahead
+    self._inflight: list = []  # dispatch-ahead: (DrawnTokens, runs) of the last step, read during the next
     self.backend, self.tokenizer = backend, tokenizer
     self.eos_id = tokenizer.eos_id if eos_id is None else eos_id
     self._queue: collections.deque[Handle] = collections.deque()
@@ -213,7 +228,7 @@ class Engine:
   @property
   def has_work(self) -> bool:
     with self._cond:
-      return bool(self._queue or self._running or self._jobs)
+      return bool(self._queue or self._running or self._jobs or self._inflight)
 
   def run_until_idle(self) -> None:
     """Steps in the calling thread until no request is queued or running (not with the background thread)."""
@@ -235,6 +250,9 @@ class Engine:
         admitted.append((handle, self._free.pop(0)))
     for run in [r for r in self._running.values() if r.handle.cancelled]:
       self._end(run, "cancelled", None)
+    if self.dispatch_ahead:
+      self._step_ahead(admitted)
+      return
 
     rows, owners = [], []
     decoding = [r for r in self._running.values() if r.last is not None]
@@ -260,6 +278,53 @@ class Engine:
     if owners:
       for run, tok in zip(owners, self._sample(jnp.concatenate(rows, axis=0), owners)):
         self._accept(run, int(tok))
+
+  def _step_ahead(self, admitted) -> None:
+    """Dispatches this step (decode of the running slots, prefills of the admitted ones, tokens drawn on the
+    device), then reads the previous step's tokens while this one runs."""
+    drawn = []
+    decoding = [r for r in self._running.values() if 0 < r.issued < r.max_tokens]
+    if decoding:
+      rows = SamplingRows.build(self.num_slots, {r.slot: (r.handle.params, r.issued) for r in decoding})
+      try:
+        drawn.append((self.backend.decode_sample([r.slot for r in decoding], rows), decoding))
+        for run in decoding:
+          run.issued += 1
+      except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+        log.exception("decode failed")
+        for run in decoding:
+          self._abort(run, e)
+    for handle, slot in admitted:
+      run = self._start(handle, slot)
+      try:
+        drawn.append((self.backend.prefill_sample(slot, handle.prompt_ids,
+                                                  SamplingRows.build(1, {0: (handle.params, 0)})), [run]))
+        run.issued = 1
+      except Exception as e:  # noqa: BLE001
+        log.exception("prefill failed")
+        self._abort(run, e)
+    previous, self._inflight = self._inflight, drawn
+    self._collect(previous)
+    if not self._running:  # nothing left to dispatch next step: read this one now
+      previous, self._inflight = self._inflight, []
+      self._collect(previous)
+
+  def _collect(self, drawn) -> None:
+    """Reads dispatched steps' tokens and accepts them for the requests still running in those slots."""
+    for tokens, runs in drawn:
+      live = [r for r in runs if self._running.get(r.slot) is r]  # not ended (stop, cancel) since dispatch
+      if not live:
+        continue
+      try:
+        tokens_B = tokens.read()
+      except Exception as e:  # noqa: BLE001 - the step failed on the device (or the cache overflowed)
+        log.exception("a dispatched step failed")
+        for run in live:
+          self._abort(run, e)
+        continue
+      for run in live:
+        if self._running.get(run.slot) is run:
+          self._accept(run, int(tokens_B[run.slot]))
 
   def _speculate(self, runs) -> None:
     """One speculative backend step: each request gets 1 or 2 tokens, drawn as plain decoding would."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0):
@@ -27,14 +30,17 @@ def sample(logits_BV, key, *, temperature: float = 0.0, top_k: int = 0, top_p: f
   return jax.random.categorical(key, logits_BV, axis=-1).astype(jnp.int32)
 
 
-@jax.jit
-def sample_rows(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B):
-  """One token per row [B] int32, each row with its own sampling parameters (the engine's batched sampler).
+def pick_tokens(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B, *, greedy_only: bool = False):
+  """One token per row [B] int32, each row with its own sampling parameters (traceable; `sample_rows` jitted).
 
   Row b draws with key fold_in(key(seeds_B[b]), positions_B[b]), so a request's samples depend only on its own
   seed and the index of the token it generates, not on the batch around it. Same rules as `sample` per row
-  (temperature 0 = greedy; top_k 0 = off; top_p 1 = off; top-k is applied before top-p).
+  (temperature 0 = greedy; top_k 0 = off; top_p 1 = off; top-k is applied before top-p). `greedy_only` (static):
+  every row has temperature 0, so only the argmax is computed (no sorts of the vocabulary).
   """
+  if greedy_only:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
   def one(logits_V, seed, position, temperature, top_k, top_p):
     logits_V = logits_V.astype(jnp.float32)
     greedy = jnp.argmax(logits_V).astype(jnp.int32)
@@ -53,3 +59,38 @@ def sample_rows(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B
   return jax.vmap(one)(logits_BV, jnp.asarray(seeds_B, jnp.uint32), jnp.asarray(positions_B, jnp.int32),
                        jnp.asarray(temperature_B, jnp.float32), jnp.asarray(top_k_B, jnp.int32),
                        jnp.asarray(top_p_B, jnp.float32))
+
+
+@jax.jit
+def sample_rows(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B):
+  """`pick_tokens` jitted (all rows through the full sampler): the engine's batched sampler."""
+  return pick_tokens(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRows:
+  """Per-row sampling arguments of a fixed-size batch as host arrays (the order `pick_tokens` takes them); rows
+  without a request get greedy defaults. `greedy_only`: no row samples (the sampler can skip the sorts)."""
+  seeds: np.ndarray  # [B] uint32
+  positions: np.ndarray  # [B] int32: the index of the token each row draws
+  temperature: np.ndarray  # [B] float32
+  top_k: np.ndarray  # [B] int32
+  top_p: np.ndarray  # [B] float32
+
+  @classmethod
+  def build(cls, size: int, rows: dict) -> SamplingRows:
+    """rows: {row index: (SamplingParams, token index)}; the other rows of `size` stay greedy."""
+    seeds, positions = np.zeros(size, np.uint32), np.zeros(size, np.int32)
+    temperature, top_k, top_p = np.zeros(size, np.float32), np.zeros(size, np.int32), np.ones(size, np.float32)
+    for row, (params, position) in rows.items():
+      seeds[row], positions[row] = params.seed % 2**32, position
+      temperature[row], top_k[row], top_p[row] = params.temperature, params.top_k, params.top_p
+    return cls(seeds, positions, temperature, top_k, top_p)
+
+  @property
+  def arrays(self) -> tuple:
+    return self.seeds, self.positions, self.temperature, self.top_k, self.top_p
+
+  @property
+  def greedy_only(self) -> bool:
+    return not bool(np.any(self.temperature > 0))
