@@ -63,6 +63,8 @@ def main(argv=None) -> int:
   ap.add_argument("--experts", type=int, default=32)
   ap.add_argument("--sinkhorn-iters-per-fusion", type=int, default=None,
                   help="set dsv4_jax.model.mhc.ITERS_PER_FUSION for this compile (default: the code's)")
+  ap.add_argument("--sinkhorn-stacked-max-rows", type=int, default=None,
+                  help="set dsv4_jax.model.mhc.STACKED_MAX_ROWS for this compile (default: the code's)")
   ap.add_argument("--dump", default=None, help="XLA dump directory (default: a temporary one)")
   args = ap.parse_args(argv)
   dump = args.dump or tempfile.mkdtemp(prefix="dsv4_decode_kernels_")
@@ -87,9 +89,11 @@ def main(argv=None) -> int:
   except Exception as e:  # noqa: BLE001
     raise SystemExit(f"no deviceless CUDA compile here ({type(e).__name__}: {e}); see the docstring for the "
                      "plugin install and environment") from None
+  from dsv4_jax.model import mhc  # noqa: PLC0415
   if args.sinkhorn_iters_per_fusion:
-    from dsv4_jax.model import mhc  # noqa: PLC0415
     mhc.ITERS_PER_FUSION = args.sinkhorn_iters_per_fusion
+  if args.sinkhorn_stacked_max_rows is not None:
+    mhc.STACKED_MAX_ROWS = args.sinkhorn_stacked_max_rows
   jax.default_backend = lambda: "gpu"  # the kernels' dispatch asks the default backend; the target is a GPU
   cfg = bench_config(False, args.experts, attention_impl="gpu").replace(scan_layers=False)
   model = serving_model(nnx.eval_shape(lambda: DeepSeekV4(cfg, rngs=nnx.Rngs(0))))

@@ -148,17 +148,32 @@ def test_sinkhorn_gradient_equals_loop(shape, iters):
 
 @pytest.mark.parametrize("per_fusion", [1, 4])
 def test_sinkhorn_is_loop_free(monkeypatch, per_fusion):
-  """The projection is elementwise ops (no reduce over the n axes, no while loop), a barrier every
-  ITERS_PER_FUSION iterations and after the last, each on one stacked [..., n·n] array (n·n separate scalars
-  made a kernel per value at batch 1)."""
+  """The projection is elementwise ops (no reduce over the n axes, no while loop) with optimization barriers: a
+  single matrix crosses them as one stacked [n·n] array every ITERS_PER_FUSION iterations and after the last
+  (n·n separate scalars made a kernel per value at batch 1); a batch of matrices as n·n arrays every iteration."""
   monkeypatch.setattr(mhc, "ITERS_PER_FUSION", per_fusion)
-  jax.clear_caches()  # the constant is read at trace time
-  for lead in [(8,), ()]:
+  jax.clear_caches()  # the constants are read at trace time
+  for lead in [(), (1, 1), (2,), (8,)]:
     hlo = jax.jit(lambda x: mhc.sinkhorn(x, 20, EPS)).lower(jnp.zeros(lead + (N, N))).as_text()
     barriers = [line for line in hlo.splitlines() if "optimization_barrier" in line]
     assert "reduce" not in hlo and "while" not in hlo
-    assert len(barriers) == len([it for it in range(1, 20) if it % per_fusion == 0 or it == 19])
-    assert all(line.count("tensor<") == 1 and f"{N * N}xf32>" in line for line in barriers), barriers[0]
+    if int(np.prod(lead)) <= mhc.STACKED_MAX_ROWS:
+      assert len(barriers) == len([it for it in range(1, 20) if it % per_fusion == 0 or it == 19])
+      assert all(line.count("tensor<") == 1 and f"{N * N}xf32>" in line for line in barriers), barriers[0]
+    else:
+      assert len(barriers) == 19
+      assert all(line.count("tensor<") == N * N for line in barriers), barriers[0]
+
+
+def test_sinkhorn_forms_agree(monkeypatch):
+  """The stacked and the per-array barrier forms compute the same projection (only the barriers differ)."""
+  x = jnp.asarray(2.5 * np.random.default_rng(3).standard_normal((N, N)), jnp.float32)
+  f = jax.jit(lambda x: mhc.sinkhorn(x, 20, EPS))
+  stacked = np.asarray(f(x))
+  monkeypatch.setattr(mhc, "STACKED_MAX_ROWS", 0)
+  jax.clear_caches()
+  np.testing.assert_allclose(np.asarray(jax.jit(lambda x: mhc.sinkhorn(x, 20, EPS))(x)), stacked, rtol=2e-6,
+                             atol=1e-7)
 
 
 @pytest.mark.parametrize("shape, iters, what", [((N,), 20, "square"), ((3, N, N + 1), 20, "square"),

@@ -8,6 +8,7 @@ sigmoid-weighted sum (pre), and leave as `post[k]·F + Σ_j comb[j, k]·res[j]` 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,10 @@ from flax import nnx
 from dsv4_jax.model.common import param, rms_normalize
 
 
-ITERS_PER_FUSION = 4  # Sinkhorn iterations per fused kernel (between optimization barriers); see sinkhorn
+# How the unrolled Sinkhorn crosses its optimization barriers (see sinkhorn): batches of at most STACKED_MAX_ROWS
+# matrices as one stacked array every ITERS_PER_FUSION iterations, larger ones as n·n arrays every iteration.
+STACKED_MAX_ROWS = 1
+ITERS_PER_FUSION = 4
 
 
 def _total(terms):
@@ -55,8 +59,12 @@ def _sinkhorn_unrolled(logits_NN, iters: int, eps: float):
     c.append([v / s + eps for v in e])
   c = _normalize_cols(c, eps)
 
-  for it in range(1, iters):  # a barrier every ITERS_PER_FUSION iterations: XLA does not fuse across them
+  stacked = math.prod(logits_NN.shape[:-2]) <= STACKED_MAX_ROWS
+  for it in range(1, iters):  # XLA does not fuse across a barrier
     c = _normalize_cols(_normalize_rows(c, eps), eps)
+    if not stacked:  # one multi-output fusion per iteration
+      c = jax.lax.optimization_barrier(c)
+      continue
     if it % ITERS_PER_FUSION and it < iters - 1:
       continue
     # The n·n values cross the barrier as one stacked array: as n·n separate arrays, tiny batches (one token:
@@ -88,10 +96,13 @@ def sinkhorn(logits_NN, iters: int, eps: float):
   iterations are unrolled, not a while loop, with an optimization barrier between them: on the H200 the 6-layer
   bench decode step's mHC went from 0.80 ms in 578 kernels (loop) to 0.61 ms in 338 (2026-11-29); unrolled
   without barriers, XLA:GPU fused across iterations and took 266 s to compile that step (33 s now, 13 s with the
-  loop; deviceless H200 compiles). The n·n values cross each barrier stacked in one array: passed as n·n arrays,
-  a one-token batch (scalars) got a kernel per value per iteration (3,898 kernels in a batch-1 decode step, 646
-  stacked). Stacked, ITERS_PER_FUSION = 4 iterations share a kernel at no compile cost: the 128K × 64 bench
-  step has 503 kernels and compiles in 32.5 s (1 per fusion: 659, 33.3 s; all 19 in one: 467, 196 s);
+  loop; deviceless H200 compiles). How the values cross the barriers depends on the batch (its number of
+  matrices): a single matrix (one token: the values are scalars) crosses as one stacked [n·n] array every
+  ITERS_PER_FUSION = 4 iterations (as n·n scalars, XLA gave each value its own kernel in every iteration:
+  3,898 kernels in a batch-1 decode step, 478 so; from 2 tokens on it does not: 589 at batch 2); larger batches
+  cross as n·n arrays every iteration (XLA makes each iteration one multi-output fusion; stacked, the 128K × 64
+  bench step took 7.58 ms back-to-back with 1 iteration per barrier and 8.33-8.42 with 4, against 7.22 ms;
+  H200, 2026-11-30, `experiments/decode_ab.py`). Kernel counts (deviceless H200 compiles):
   `experiments/decode_kernels.py`, results/decode_kernels.md. The backward differentiates the loop form with
   reductions (`_sinkhorn_loop`): autodiff of the elementwise graph compiles slowly on XLA:CPU.
   """
