@@ -1,11 +1,14 @@
 """Serving speed of a Flash-shaped model on one accelerator: decode step against the HBM floor, prefill
 throughput, and the KV cache's size per sequence.
 
-  python experiments/bench_serve.py [--out experiments/results]     # the H200 run (~5-8 min, mostly compiles)
+  python experiments/bench_serve.py [--out experiments/results]     # the H200 run (~8-11 min, mostly compiles;
+                                                                     # --time-budget to fit a 10-minute call)
   JAX_PLATFORMS=cpu python experiments/bench_serve.py --small        # tiny shapes: checks the script on a CPU
 
 Phases, in order, each adding to serve.md / serve.json as it finishes (a run cut short keeps its tables):
-copy bandwidth and matmul rate; cache sizes; decode at each (context, batch); prefill; the pieces of a decode
+copy bandwidth and matmul rate; cache sizes; decode at each (context, batch); the serving engine's step at the
+longest context and largest batch (experiments/engine_timing.py: dispatch-ahead, then waiting); prefill; the
+pieces of a decode
 step timed alone (one layer's MoE on each expert path, the head); decode at the longest context and largest
 batch once more with the capacity-path MoE when the serving steps run another path there.
 
@@ -581,6 +584,27 @@ def main(argv=None) -> int:
       guarded(f"decode {ctx} x {B}", lambda ctx=ctx, B=B, f=decode: r["decode"].append(decode_case(f, ctx, B)))
   del decode
 
+  # The serving engine's step (continuous batching, streaming) at the longest context and largest batch.
+  if not args.no_engine:
+    ctx, B = max(contexts), max(batches)
+    r["engine"] = []
+    log(f"engine: context {ctx}, batch {B} streaming requests, dispatch-ahead and waiting")
+
+    def engine_cases() -> None:
+      max_len = ctx + 256 * -(-(2 * steps + args.warmup + 8) // 256)
+      backend = engine_backend(model, B, max_len, fmt)
+      fill = lambda cache: fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
+      for ahead in (True, False):
+        e = time_engine(backend, fill, ctx, steps, args.warmup, dispatch_ahead=ahead)
+        e["floor_s"] = decode_bytes(cfg, B, ctx, fmt)["total"] / r["bw"]
+        r["engine"].append(e)
+        log(f"  {'dispatch-ahead' if ahead else 'waiting'}: engine step {e['step_s'] * 1e3:.2f} ms (mean "
+            f"{e['mean_s'] * 1e3:.2f}) = {e['step_s'] / e['floor_s']:.2f}x the floor; compile+first "
+            f"{e['first_s']:.1f} s")
+
+    guarded("engine", engine_cases)
+
+
   # Prefill, batch 1, chunked, through make_prefill.
   if not args.no_prefill:
     r["prefill"] = []
@@ -608,24 +632,6 @@ def main(argv=None) -> int:
     guarded("pieces", parts)
 
   ctx, B = max(contexts), max(batches)
-  if not args.no_engine:
-    r["engine"] = []
-    log(f"engine: context {ctx}, batch {B} streaming requests, dispatch-ahead and waiting")
-
-    def engine_cases() -> None:
-      max_len = ctx + 256 * -(-(2 * steps + args.warmup + 8) // 256)
-      backend = engine_backend(model, B, max_len, fmt)
-      fill = lambda cache: fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
-      for ahead in (True, False):
-        e = time_engine(backend, fill, ctx, steps, args.warmup, dispatch_ahead=ahead)
-        e["floor_s"] = decode_bytes(cfg, B, ctx, fmt)["total"] / r["bw"]
-        r["engine"].append(e)
-        log(f"  {'dispatch-ahead' if ahead else 'waiting'}: engine step {e['step_s'] * 1e3:.2f} ms (mean "
-            f"{e['mean_s'] * 1e3:.2f}) = {e['step_s'] / e['floor_s']:.2f}x the floor; compile+first "
-            f"{e['first_s']:.1f} s")
-
-    guarded("engine", engine_cases)
-
   if step_moe_path(r["served_moe"], B) != "capacity" and not args.no_capacity_variant:
     log(f"decode, capacity-path MoE (C = tokens): context {ctx}, batch {B}")
     guarded("decode, capacity-path MoE",
