@@ -31,6 +31,8 @@ from dsv4_jax.model.cache import cache_shardings, mesh_page_shards, shard_cache 
 from dsv4_jax.model.transformer import DeepSeekV4  # noqa: E402
 from dsv4_jax.serve.cache import fork_slot  # noqa: E402
 from dsv4_jax.serve.cached_backend import CachedBackend  # noqa: E402
+from dsv4_jax.serve.params import SamplingParams  # noqa: E402
+from dsv4_jax.serve.sampling import SamplingRows  # noqa: E402
 from dsv4_jax.serve.steps import make_decode, make_prefill  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -80,7 +82,14 @@ def backend_run(model, mesh, tokens, prompt_logits):
   got.append((backend.prefill(1, tokens[2, :7]), (2, 6)))  # the freed slot reused
   logits = backend.decode([0, 1], [tokens[0, 23], tokens[2, 7]])
   got += [(logits[0], (0, 23)), (logits[1], (2, 7))]
-  return max(rel(np.asarray(x), prompt_logits[b, p]) for x, (b, p) in got), backend.cache
+  # The engine's dispatch-ahead steps on the mesh: greedy tokens drawn on the device, the cache kept sharded.
+  backend.release(0)
+  greedy = SamplingRows.build(1, {0: (SamplingParams(seed=0), 0)})
+  first = int(backend.prefill_sample(0, tokens[0, :20], greedy).read()[0])
+  nxt = backend.decode_sample([0, 1], SamplingRows.build(2, {})).read()
+  ahead = {"first_token_is_argmax": first == int(np.argmax(prompt_logits[0, 19])),
+           "tokens_in_vocab": bool(np.all((nxt >= 0) & (nxt < prompt_logits.shape[-1])))}
+  return max(rel(np.asarray(x), prompt_logits[b, p]) for x, (b, p) in got), backend.cache, ahead
 
 
 def rel(a, b):
@@ -122,8 +131,8 @@ def main():
       ref_out, ref_cache, _ = serve(one, None, tokens)
       reference = ([np.asarray(x) for x in ref_out], [np.asarray(x) for x in jax.tree.leaves(ref_cache)],
                    slot_view(ref_cache))
-      backend_diff, backend_cache = backend_run(model, mesh, tokens, reference[0][0])
-      report["backend"] = {
+      backend_diff, backend_cache, ahead = backend_run(model, mesh, tokens, reference[0][0])
+      report["backend"] = {"dispatch_ahead": ahead,
           "logits_rel_diff": backend_diff,  # decode vs prefill paths too: test_decode's 1e-4 bound
           "shardings_as_intended": all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in zip(
               jax.tree.leaves(backend_cache), jax.tree.leaves(cache_shardings(backend_cache, mesh)))),

@@ -109,3 +109,4 @@ def test_cached_backend_on_a_mesh(report):
   r = report["backend"]  # against the one-device prompt logits: the decode path's own difference (test_decode) too
   assert r["logits_rel_diff"] < 1e-4, r
   assert r["shardings_as_intended"] and r["pool_specs"] == ["P(None, 'data', None, None)"], r
+  assert r["dispatch_ahead"] == {"first_token_is_argmax": True, "tokens_in_vocab": True}, r
