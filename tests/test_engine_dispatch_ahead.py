@@ -156,3 +156,20 @@ def test_backend_checks_its_sampling_rows(backend):
     backend.decode_sample([0], SamplingRows.build(2, {}))
   with pytest.raises(RuntimeError, match="holds no sequence"):
     backend.decode_sample([2], SamplingRows.build(3, {}))
+
+
+def test_a_failing_prefill_fails_only_its_request(backend, tok):
+  class FailOn(Recorder):
+    def prefill_sample(self, slot, ids, rows):
+      if list(ids)[1:] == tok.encode(PROMPTS[1]):
+        raise RuntimeError("injected prefill failure")
+      return super().prefill_sample(slot, ids, rows)
+
+  requests = [(p, SP(max_tokens=5, seed=i, ignore_eos=True)) for i, p in enumerate(PROMPTS[:3])]
+  alone = serve(backend, tok, requests, ahead=False)
+  engine = Engine(FailOn(backend), tok)
+  hs = [engine.submit([tok.bos_id] + tok.encode(p), s) for p, s in requests]
+  engine.run_until_idle()
+  with pytest.raises(EngineError, match="injected prefill failure"):
+    hs[1].result()
+  assert summary([hs[0].result(), hs[2].result()]) == summary([alone[0], alone[2]])

@@ -260,21 +260,17 @@ class Engine:
       self._speculate(decoding)  # MTP speculation: tokens sampled inside the backend's step (speculative.py)
       decoding = []
     if decoding:
-      try:
-        rows.append(self.backend.decode([r.slot for r in decoding], [r.last for r in decoding]))
+      logits = self._or_fail("decode", decoding,
+                             lambda: self.backend.decode([r.slot for r in decoding], [r.last for r in decoding]))
+      if logits is not None:
+        rows.append(logits)
         owners += decoding
-      except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-        log.exception("decode failed")
-        for run in decoding:
-          self._abort(run, e)
     for handle, slot in admitted:
       run = self._start(handle, slot)
-      try:
-        rows.append(self.backend.prefill(slot, handle.prompt_ids)[None])
+      logits = self._or_fail("prefill", [run], lambda: self.backend.prefill(slot, handle.prompt_ids))
+      if logits is not None:
+        rows.append(logits[None])
         owners.append(run)
-      except Exception as e:  # noqa: BLE001
-        log.exception("prefill failed")
-        self._abort(run, e)
     if owners:
       for run, tok in zip(owners, self._sample(jnp.concatenate(rows, axis=0), owners)):
         self._accept(run, int(tok))
@@ -286,28 +282,34 @@ class Engine:
     decoding = [r for r in self._running.values() if 0 < r.issued < r.max_tokens]
     if decoding:
       rows = SamplingRows.build(self.num_slots, {r.slot: (r.handle.params, r.issued) for r in decoding})
-      try:
-        drawn.append((self.backend.decode_sample([r.slot for r in decoding], rows), decoding))
+      tokens = self._or_fail("decode", decoding,
+                             lambda: self.backend.decode_sample([r.slot for r in decoding], rows))
+      if tokens is not None:
+        drawn.append((tokens, decoding))
         for run in decoding:
           run.issued += 1
-      except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
-        log.exception("decode failed")
-        for run in decoding:
-          self._abort(run, e)
     for handle, slot in admitted:
       run = self._start(handle, slot)
-      try:
-        drawn.append((self.backend.prefill_sample(slot, handle.prompt_ids,
-                                                  SamplingRows.build(1, {0: (handle.params, 0)})), [run]))
+      first = SamplingRows.build(1, {0: (handle.params, 0)})
+      tokens = self._or_fail("prefill", [run], lambda: self.backend.prefill_sample(slot, handle.prompt_ids, first))
+      if tokens is not None:
+        drawn.append((tokens, [run]))
         run.issued = 1
-      except Exception as e:  # noqa: BLE001
-        log.exception("prefill failed")
-        self._abort(run, e)
     previous, self._inflight = self._inflight, drawn
     self._collect(previous)
     if not self._running:  # nothing left to dispatch next step: read this one now
       previous, self._inflight = self._inflight, []
       self._collect(previous)
+
+  def _or_fail(self, what: str, runs, fn):
+    """fn()'s result; if it raises, `runs` fail with it (the engine keeps serving the others) and None."""
+    try:
+      return fn()
+    except Exception as e:  # noqa: BLE001 - fail these requests, keep serving
+      log.exception("%s failed", what)
+      for run in runs:
+        self._abort(run, e)
+      return None
 
   def _collect(self, drawn) -> None:
     """Reads dispatched steps' tokens and accepts them for the requests still running in those slots."""
