@@ -1,16 +1,15 @@
 """Serving speed of a Flash-shaped model on one accelerator: decode step against the HBM floor, prefill
 throughput, and the KV cache's size per sequence.
 
-  python experiments/bench_serve.py [--out experiments/results]     # the H200 run (~8-11 min, mostly compiles;
-                                                                     # --time-budget to fit a 10-minute call)
+  python experiments/bench_serve.py [--out experiments/results]     # the H200 run (~7-9 min, mostly compiles)
   JAX_PLATFORMS=cpu python experiments/bench_serve.py --small        # tiny shapes: checks the script on a CPU
 
 Phases, in order, each adding to serve.md / serve.json as it finishes (a run cut short keeps its tables):
 copy bandwidth and matmul rate; cache sizes; decode at each (context, batch); the serving engine's step at the
-longest context and largest batch (experiments/engine_timing.py: dispatch-ahead, then waiting); prefill; the
-pieces of a decode
-step timed alone (one layer's MoE on each expert path, the head); decode at the longest context and largest
-batch once more with the capacity-path MoE when the serving steps run another path there.
+longest context and largest batch (experiments/engine_timing.py: dispatch-ahead; waiting too with
+--engine-waiting); prefill; the pieces of a decode step timed alone (one layer's MoE on each expert path, the
+head); decode at the longest context and largest batch once more with the capacity-path MoE when the serving
+steps run another path there.
 
 Model (`bench_config`): DeepSeek-V4-Flash with every per-layer dimension kept (d 4096, 64 heads × 512, 64-dim
 RoPE, q/o LoRA 1024, 8 output groups, window 128, CSA m = 4 with a 64 × 128 indexer and top-512, HCA m = 128,
@@ -372,7 +371,8 @@ def write_report(path: str, r: dict) -> str:
         "request per slot, greedy, every slot decoding at the context (synthetic cache); a step = one "
         "`engine.step()`: decode all slots, draw the tokens on the device, read them, stream text, check stops. "
         "Dispatch-ahead (the engine's default with this backend) dispatches a step before reading the previous "
-        "step's tokens; 'waiting' reads each step's tokens before the next (`Engine(..., dispatch_ahead=False)`). "
+        "step's tokens; 'waiting' (`--engine-waiting`) reads each step's tokens before the next "
+        "(`Engine(..., dispatch_ahead=False)`). "
         f"Median (mean) of {r['steps']} steps after compile and {r['warmup']} warm-up steps. The tokenizer is a "
         "stub (one character per id), so the host's detokenizing costs less than with a real one.\n")
     add("| context | batch | mode | engine step (ms) | mean (ms) | tokens/s | HBM floor (ms) | step / floor |")
@@ -481,7 +481,9 @@ def main(argv=None) -> int:
   ap.add_argument("--time-budget", type=float, default=None,
                   help="seconds after which remaining cases are skipped (e.g. 480 inside a 600 s limit)")
   ap.add_argument("--no-engine", action="store_true",
-                  help="skip timing the serving engine's step (continuous batching, dispatch-ahead and waiting)")
+                  help="skip timing the serving engine's step (continuous batching, dispatch-ahead)")
+  ap.add_argument("--engine-waiting", action="store_true",
+                  help="also time the engine waiting for each step (dispatch_ahead=False; ~1.5 min more on an H200)")
   ap.add_argument("--no-capacity-variant", action="store_true",
                   help="skip the extra decode case with the capacity-path MoE (run when serving uses another)")
   args = ap.parse_args(argv)
@@ -588,13 +590,14 @@ def main(argv=None) -> int:
   if not args.no_engine:
     ctx, B = max(contexts), max(batches)
     r["engine"] = []
-    log(f"engine: context {ctx}, batch {B} streaming requests, dispatch-ahead and waiting")
+    log(f"engine: context {ctx}, batch {B} streaming requests, dispatch-ahead"
+        + (" and waiting" if args.engine_waiting else ""))
 
     def engine_cases() -> None:
       max_len = ctx + 256 * -(-(2 * steps + args.warmup + 8) // 256)
       backend = engine_backend(model, B, max_len, fmt)
       fill = lambda cache: fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
-      for ahead in (True, False):
+      for ahead in (True, False) if args.engine_waiting else (True,):
         e = time_engine(backend, fill, ctx, steps, args.warmup, dispatch_ahead=ahead)
         e["floor_s"] = decode_bytes(cfg, B, ctx, fmt)["total"] / r["bw"]
         r["engine"].append(e)
