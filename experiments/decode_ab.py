@@ -12,7 +12,10 @@ xla_gpu_enable_command_buffer=""), `cb-no-custom-calls` (graphs of fusions and c
 Mosaic GPU kernels launched alone); `gathers-fused` / `gathers-materialized` (needs dsv4_jax.model.decode
 .materialized, which only commit a7005a3 has: `git checkout a7005a3 -- dsv4_jax/model/decode.py`);
 `sinkhorn-kN` (mHC's Sinkhorn with N iterations per fused kernel: dsv4_jax.model.mhc.ITERS_PER_FUSION = N),
-`sinkhorn-lists` (the form before b960015: the n·n values cross each per-iteration barrier as n·n arrays).
+`sinkhorn-lists` (the form before b960015: the n·n values cross each per-iteration barrier as n·n arrays);
+`engine` (the serving engine's step, dispatch-ahead, one streaming request per slot: experiments/engine_timing.py,
+its own backend and synthetic cache at the same context; "synced" is the median engine step, "back-to-back"
+the mean).
 Prints one RESULT line per variant.
 """
 
@@ -29,6 +32,7 @@ import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench_serve import bench_config, fill_synthetic, log, time_decode  # noqa: E402
+from engine_timing import engine_backend, time_engine  # noqa: E402
 
 COMPILER_OPTIONS = {"default": None, "cb-off": {"xla_gpu_enable_command_buffer": ""},
                     "cb-no-custom-calls": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN"}}
@@ -59,7 +63,7 @@ def main(argv=None) -> int:
   ap.add_argument("--experts", type=int, default=32)
   ap.add_argument("--small", action="store_true", help="bench_serve's tiny model, reference attention: a CPU check")
   ap.add_argument("--variants", nargs="+", default=["default", "cb-off"],
-                  choices=sorted(COMPILER_OPTIONS) + list(GATHERS) + list(SINKHORN))
+                  choices=sorted(COMPILER_OPTIONS) + list(GATHERS) + list(SINKHORN) + ["engine"])
   args = ap.parse_args(argv)
   from dsv4_jax.model import decode as decode_lib  # noqa: PLC0415
   from dsv4_jax.model import mhc  # noqa: PLC0415
@@ -80,6 +84,16 @@ def main(argv=None) -> int:
   _CODE_SINKHORN[:] = [sinkhorn]
   for name in args.variants:
     mhc._sinkhorn_unrolled, mhc.ITERS_PER_FUSION = sinkhorn, iters_per_fusion  # the code's, unless set below
+    if name == "engine":
+      e_len = args.context + 256 * -(-(2 * args.steps + args.warmup + 8) // 256)
+      backend = engine_backend(model, args.batch, e_len, "fp8")
+      fill = lambda _, n=e_len: fill_synthetic(model.init_cache(args.batch, n, kv_format="fp8"), cfg, args.context,
+                                               seed=args.context + args.batch)
+      e = time_engine(backend, fill, args.context, args.steps, args.warmup, dispatch_ahead=True)
+      del backend
+      log(f"RESULT {args.context} x {args.batch} engine: synced {e['step_s'] * 1e3:.3f} ms, back-to-back "
+          f"{e['mean_s'] * 1e3:.3f} ms, compile + first {e['first_s']:.0f} s")
+      continue
     if name in SINKHORN:
       if name == "sinkhorn-lists":
         mhc._sinkhorn_unrolled = sinkhorn_lists
