@@ -173,3 +173,16 @@ def test_a_failing_prefill_fails_only_its_request(backend, tok):
   with pytest.raises(EngineError, match="injected prefill failure"):
     hs[1].result()
   assert summary([hs[0].result(), hs[2].result()]) == summary([alone[0], alone[2]])
+
+
+def test_sampler_with_ties_at_the_k_th_value_matches_the_one_row_sampler():
+  """Top-k keeps every value tied with the k-th, and top-p then works on that set (one sort per row)."""
+  import jax
+  from dsv4_jax.serve.sampling import sample
+  logits = jnp.asarray([[3.0, 1.0, 2.0, 2.0, 2.0, 0.5, 2.0, -1.0]] * 2 + [[1.0] * 8], jnp.float32)
+  for t, k, p in [(1.0, 2, 1.0), (0.7, 3, 0.6), (1.3, 2, 0.9), (1.0, 1, 0.5)]:
+    for pos, seed in [(0, 1), (5, 9), (2, 2**31)]:
+      key = jax.random.fold_in(jax.random.key(seed), pos)
+      want = [int(sample(logits[i:i + 1], key, temperature=t, top_k=k, top_p=p)[0]) for i in range(3)]
+      got = pick_tokens(logits, np.full(3, seed, np.uint32), [pos] * 3, [t] * 3, [k] * 3, [p] * 3)
+      assert np.asarray(got).tolist() == want, (t, k, p, pos, seed)

@@ -48,7 +48,8 @@ def pick_tokens(logits_BV, seeds_B, positions_B, temperature_B, top_k_B, top_p_B
     sorted_V = jnp.sort(x_V)[::-1]
     kth = sorted_V[jnp.clip(top_k - 1, 0, x_V.shape[0] - 1)]
     x_V = jnp.where((top_k > 0) & (x_V < kth), -jnp.inf, x_V)
-    sorted_V = jnp.sort(x_V)[::-1]
+    # the top-k-masked values in descending order without a second sort: masking by value keeps the order
+    sorted_V = jnp.where((top_k > 0) & (sorted_V < kth), -jnp.inf, sorted_V)
     cum_V = jnp.cumsum(jax.nn.softmax(sorted_V))
     cutoff = sorted_V[jnp.minimum(jnp.sum(cum_V < top_p), x_V.shape[0] - 1)]
     x_V = jnp.where((top_p < 1) & (x_V < cutoff), -jnp.inf, x_V)
