@@ -193,17 +193,11 @@ class CachedBackend:
     return logits
 
   def decode(self, slots, tokens):
+    active, max_context = self._decode_rows(slots)
     batch = np.zeros((self.num_slots, 1), np.int32)
-    active = np.zeros(self.num_slots, bool)
     for slot, tok in zip(slots, tokens, strict=True):
-      if self._lengths[slot] is None:
-        raise RuntimeError(f"slot {slot} holds no sequence")
-      if self._lengths[slot] >= self.max_len:
-        raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
-      batch[slot, 0], active[slot] = tok, True
-    longest = max([n + 1 if active[s] else n for s, n in enumerate(self._lengths) if n is not None])
-    logits, self.cache = self._decode(self._state, self.cache, jnp.asarray(batch), jnp.asarray(active),
-                                      self._context_bucket(longest))
+      batch[slot, 0] = tok
+    logits, self.cache = self._decode(self._state, self.cache, jnp.asarray(batch), jnp.asarray(active), max_context)
     for slot in slots:
       self._lengths[slot] += 1
     self._check()
@@ -214,17 +208,9 @@ class CachedBackend:
     the following one with rows' parameters (SamplingRows of num_slots rows); nothing waits for the device."""
     if len(rows.seeds) != self.num_slots:
       raise ValueError(f"sampling rows: need {self.num_slots} (one per slot), got {len(rows.seeds)}")
-    active = np.zeros(self.num_slots, bool)
-    for slot in slots:
-      if self._lengths[slot] is None:
-        raise RuntimeError(f"slot {slot} holds no sequence")
-      if self._lengths[slot] >= self.max_len:
-        raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
-      active[slot] = True
-    longest = max([n + 1 if active[s] else n for s, n in enumerate(self._lengths) if n is not None])
+    active, max_context = self._decode_rows(slots)
     self._next, overflow, self.cache = self._decode_sample(
-        self._state, self.cache, self._next, jnp.asarray(active), *rows.arrays, self._context_bucket(longest),
-        rows.greedy_only)
+        self._state, self.cache, self._next, jnp.asarray(active), *rows.arrays, max_context, rows.greedy_only)
     for slot in slots:
       self._lengths[slot] += 1
     return DrawnTokens(self._next, overflow)
@@ -266,6 +252,18 @@ class CachedBackend:
       raise NotImplementedError("the KV cache has no per-slot release operation yet (cached_backend.release_op)")
     self.cache = self._place(self._release(self.cache, slot))
     self._lengths[slot] = None
+
+  def _decode_rows(self, slots) -> tuple[np.ndarray, int]:
+    """(active [num_slots] bool, max_context) for a decode step of `slots`; clear errors for an empty or full slot."""
+    active = np.zeros(self.num_slots, bool)
+    for slot in slots:
+      if self._lengths[slot] is None:
+        raise RuntimeError(f"slot {slot} holds no sequence")
+      if self._lengths[slot] >= self.max_len:
+        raise ValueError(f"slot {slot} is full ({self.max_len} tokens)")
+      active[slot] = True
+    longest = max([n + 1 if active[s] else n for s, n in enumerate(self._lengths) if n is not None])
+    return active, self._context_bucket(longest)
 
   def _context_bucket(self, longest: int) -> int:
     """max_context for a step whose longest row (of the rows it touches) ends at `longest` tokens."""

@@ -324,9 +324,8 @@ class Engine:
         for run in live:
           self._abort(run, e)
         continue
-      for run in live:
-        if self._running.get(run.slot) is run:
-          self._accept(run, int(tokens_B[run.slot]))
+      for run in live:  # accepting ends at most that run: the others stay live
+        self._accept(run, int(tokens_B[run.slot]))
 
   def _speculate(self, runs) -> None:
     """One speculative backend step: each request gets 1 or 2 tokens, drawn as plain decoding would."""
@@ -352,13 +351,9 @@ class Engine:
 
   def _sample(self, logits_NV, runs) -> np.ndarray:
     B = self.num_slots  # a fixed batch: the sampler compiles once
-    pad = B - len(runs)
-    logits_BV = jnp.pad(logits_NV, ((0, pad), (0, 0)))
-    p = [r.handle.params for r in runs] + [SamplingParams(seed=0)] * pad
-    seeds = np.array([x.seed % 2**32 for x in p], np.uint32)
-    positions = np.array([len(r.token_ids) for r in runs] + [0] * pad, np.int32)
-    tokens = sample_rows(logits_BV, seeds, positions, np.array([x.temperature for x in p], np.float32),
-                         np.array([x.top_k for x in p], np.int32), np.array([x.top_p for x in p], np.float32))
+    logits_BV = jnp.pad(logits_NV, ((0, B - len(runs)), (0, 0)))
+    rows = SamplingRows.build(B, {i: (r.handle.params, len(r.token_ids)) for i, r in enumerate(runs)})
+    tokens = sample_rows(logits_BV, *rows.arrays)
     return np.asarray(tokens)[:len(runs)]
 
   def _start(self, handle: Handle, slot: int) -> _Running:
