@@ -6,7 +6,8 @@ and the measured ceilings. Prints a markdown report and writes it to OUT/kernels
 Sparse attention, per query: window 128 + top-k compressed entries (Flash: H 64, top-512; Pro: H 128, top-1024),
 D = 512, one shared K=V head; kv = the S raw rows followed by the S/4 compressed entries (a CSA layer's layout).
 Useful FLOPs count only the keys each query attends: 4·H·D·(window + k) per query forward, 2.5× that backward
-(dq, dkv: five matmuls against the forward's two). Dense comparisons at the same S: cuDNN causal flash attention
+(dq, dkv: five matmuls against the forward's two). The backward is also timed alone (from the forward's out and
+lse), the Mosaic GPU kernel next to the XLA formulation it replaced. Dense comparisons at the same S: cuDNN causal flash attention
 (H heads, one KV head; D = 512 where cuDNN takes it, else noted) and the dense-mask formulation (all S + S/4 keys
 scored, a mask from the indices: what a port without a gather kernel computes), query-chunked so it fits.
 Ceilings measured in the same run: bf16 matmul 8192³ and a device-to-device copy. Medians of N timed runs after
@@ -32,7 +33,9 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pallas_kernels  # noqa: E402
 from pallas_kernels.compress import block_slots  # noqa: E402
+from pallas_kernels.sparse_attention import vjp  # noqa: E402
 from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: E402
+from pallas_kernels.sparse_attention.gpu_bwd import REDUCE_WIDTH, sparse_attention_gpu_bwd  # noqa: E402
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference  # noqa: E402
 from timing import copy_bandwidth, matmul_rate, median_time  # noqa: E402
 
@@ -129,7 +132,7 @@ def main():
        f"Python {platform.python_version()}")
   emit()
   emit(f"Measured ceilings (same run): bf16 matmul {mm_flops / 1e12:.0f} TFLOP/s; copy {copy_bw / 1e9:.0f} GB/s.")
-  what = " (forward: the Mosaic GPU kernel; backward: XLA, bf16 matmuls)." if on_gpu else " (no GPU here)."
+  what = " (forward and backward: the Mosaic GPU kernels)." if on_gpu else " (no GPU here)."
   emit(f"Command: `python experiments/bench_kernels.py{' --small' if args.small else ''}`. "
        f"Kernel = implementation=\"{impl}\"{what}")
   emit()
@@ -218,6 +221,9 @@ def main():
              f"{fb_flops / t_fb / mm_flops:.1%} | | | | | |")
       except Exception as e:  # noqa: BLE001
         emit(f"| {name} | {S} | fwd+bwd | {type(e).__name__} | | | | | | | |")
+      if on_gpu and not over():
+        for row_text in _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flops):
+          emit(row_text)
   if not args.small and on_gpu and not over():
     S, last = 1 << 20, 1 << 17
     try:  # the last 128K queries of a 1M context (kv: 1M raw rows + 256K entries); q for all 1M would be 64 GiB
@@ -243,6 +249,32 @@ def main():
       emit(f"| {S} | reference | {type(e).__name__}: {str(e)[:100]} | | |")
   emit()
   emit(f"Total wall time {time.time() - t_start:.0f} s.")
+
+
+def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flops):
+  """Rows for the backward alone (dq, dkv from the forward's out and lse): the Mosaic GPU kernel and the XLA
+  formulation it replaced (bf16 matmuls, float32 accumulation, query chunks of 512, one scatter-add per chunk)."""
+  out, lse = sparse_attention_gpu(q, kv, sink, idx, scale=scale)
+  dout = jax.random.normal(jax.random.key(3), out.shape, jnp.float32).astype(out.dtype)
+  delta = jax.jit(lambda o, d: jnp.einsum("BSHD,BSHD->BSH", d, o, preferred_element_type=jnp.float32))(out, dout)
+  flops = 2.5 * fwd_flops
+  rows = []
+  other = 6 - REDUCE_WIDTH  # the kernel with the other reduction width (2 <-> 4)
+  for label, fn, steps in ((f"bwd (Mosaic GPU kernel, {REDUCE_WIDTH}-wide reductions)", sparse_attention_gpu_bwd, 5),
+                           (f"bwd (kernel, {other}-wide reductions)",
+                            functools.partial(sparse_attention_gpu_bwd, reduce_width=other), 5),
+                           ("bwd (XLA, bf16)", _xla_bwd, 3)):
+    try:
+      t = median_time(jax.jit(functools.partial(fn, scale=scale)), q, kv, idx, dout, lse, delta, steps=steps)
+      rows.append(f"| {name} H={H} k={topk} | {S} | {label} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | "
+                  f"{flops / t / mm_flops:.1%} | | | | | |")
+    except Exception as e:  # noqa: BLE001
+      rows.append(f"| {name} | {S} | {label} | {type(e).__name__} | | | | | | | |")
+  return rows
+
+
+def _xla_bwd(q, kv, idx, dout, lse, delta, *, scale):
+  return vjp.reference_bwd(q, kv, idx, dout, lse, delta, scale=scale, query_chunk=512, operand_dtype=jnp.bfloat16)
 
 
 def _bench_compress(S, copy_bw):

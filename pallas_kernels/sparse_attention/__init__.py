@@ -15,9 +15,9 @@ def sparse_attention(q, kv, sink, indices, *, scale: float, implementation: str 
 
   q [B,S,H,D], kv [B,T,D], sink [H] float32, indices [B,S,K] int32 (-1 = none).
   Returns (out [B,S,H,D] in q's dtype, lse [B,S,H] float32 including the sink). Differentiable in q, kv and
-  sink through one shared backward (vjp.py). "auto" is the TPU kernel on a TPU backend, the Mosaic GPU kernel
-  (gpu.py; computes in 16 bits) on an NVIDIA backend for bf16/f16 inputs, else the reference; "tpu" elsewhere
-  runs the kernel in TPU interpret mode (slow: for tests); "gpu" needs a Hopper GPU.
+  sink through one shared backward (vjp.py). "auto" is the TPU kernels on a TPU backend, the Mosaic GPU kernels
+  (gpu.py, gpu_bwd.py; 16-bit matmul operands) on an NVIDIA backend for bf16/f16 inputs, else the reference;
+  "tpu" elsewhere runs the kernels in TPU interpret mode (slow: for tests); "gpu" needs a Hopper GPU.
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")

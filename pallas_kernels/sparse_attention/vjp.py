@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._query_chunks import merge_queries, split_queries
-from pallas_kernels.sparse_attention import gpu, tpu
+from pallas_kernels.sparse_attention import gpu, gpu_bwd, tpu
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 _F32 = jnp.float32
@@ -29,7 +29,8 @@ def _chunk_grads(q_BCHD, kv_BTD, idx_BCK, do_BCHD, lse_BCH, dlt_BCH, scale, oper
   """dq [B,C,H,D] and the dkv contributions [B,C,K,D] (float32) of a chunk of queries.
 
   operand_dtype float32: exact matmuls (the reference); bfloat16: tensor-core matmuls with float32 accumulation
-  (the GPU backward; p and ds are rounded to bf16 as flash-attention backward kernels do)."""
+  (the XLA formulation the Mosaic GPU backward replaced, kept for comparison: experiments/bench_kernels.py;
+  p and ds are rounded to bf16 as flash-attention backward kernels do)."""
   valid_BCK = idx_BCK >= 0
   exact = operand_dtype == _F32
   prec = "highest" if exact else None
@@ -67,10 +68,7 @@ def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *,
 
 
 _FORWARD = {"reference": sparse_attention_reference, "tpu": tpu.sparse_attention_tpu, "gpu": gpu.sparse_attention_gpu}
-# The GPU backward is XLA for now (bf16 tensor-core matmuls, float32 accumulation, one sorted scatter-add per chunk);
-# a Mosaic GPU backward kernel is the open next step (see gpu.py).
-_BACKWARD = {"reference": reference_bwd, "tpu": tpu.sparse_attention_tpu_bwd,
-             "gpu": functools.partial(reference_bwd, query_chunk=512, operand_dtype=jnp.bfloat16)}
+_BACKWARD = {"reference": reference_bwd, "tpu": tpu.sparse_attention_tpu_bwd, "gpu": gpu_bwd.sparse_attention_gpu_bwd}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
