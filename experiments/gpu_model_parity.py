@@ -1,8 +1,9 @@
 """Model-level parity of the sparse-attention implementations: a 4-layer Flash-shaped model (d 1024, 16 heads ×
 512, CSA + HCA, bf16) run with attention_impl=A and B on the same params and tokens; prints loss, fwd+bwd time,
-logits relative error and argmax agreement.
+logits relative error and argmax agreement, and (fwd+bwd) the parameter gradients' relative error (global norm),
+each implementation against the first.
 
-  python experiments/gpu_model_parity.py --seq 2048 reference gpu        # on the H200
+  python experiments/gpu_model_parity.py --seq 2048 reference gpu f32attn   # on the H200
   python experiments/gpu_model_parity.py --seq 2048 reference f32attn    # any backend: the noise floor
 
 "f32attn" is the reference op computed in float32 inside (inputs upcast, output cast back to bf16): another valid
@@ -61,26 +62,34 @@ def run(impl, tokens, grads):
   t = time.perf_counter()
   res = f(params)
   jax.block_until_ready(res)
-  (loss, logits) = res[0] if grads else res
-  return float(loss), logits, time.perf_counter() - t
+  (loss, logits), g = res if grads else (res, None)
+  return float(loss), logits, time.perf_counter() - t, g
 
 
 def main():
   ap = argparse.ArgumentParser()
-  ap.add_argument("impls", nargs=2)
+  ap.add_argument("impls", nargs="+", help="two or more: each is compared with the first")
   ap.add_argument("--seq", type=int, default=2048)
   ap.add_argument("--forward-only", action="store_true")
   args = ap.parse_args()
   tokens = jax.random.randint(jax.random.key(1), (1, args.seq), 0, 8192)
+  if len(args.impls) < 2:
+    ap.error("give at least two implementations")
   res = {}
   for impl in args.impls:
-    loss, logits, dt = run(impl, tokens, not args.forward_only)
-    res[impl] = logits
+    loss, logits, dt, grads = run(impl, tokens, not args.forward_only)
+    res[impl] = logits, grads
     print(f"{impl}: loss {loss:.6f}  {'fwd' if args.forward_only else 'fwd+bwd'} {dt * 1e3:.1f} ms", flush=True)
-  a, b = (res[i] for i in args.impls)
-  rel = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
-  agree = float(jnp.mean(jnp.argmax(a, -1) == jnp.argmax(b, -1)))
-  print(f"{args.impls[0]} vs {args.impls[1]}: logits rel err {rel:.3e}, argmax agree {agree:.4f}")
+  (a, ga) = res[args.impls[0]]
+  for impl in args.impls[1:]:
+    b, gb = res[impl]
+    rel = float(jnp.linalg.norm(b - a) / jnp.linalg.norm(a))
+    agree = float(jnp.mean(jnp.argmax(a, -1) == jnp.argmax(b, -1)))
+    line = f"{args.impls[0]} vs {impl}: logits rel err {rel:.3e}, argmax agree {agree:.4f}"
+    if ga is not None:
+      sq = lambda t: sum(float(jnp.sum(jnp.square(x.astype(jnp.float32)))) for x in jax.tree.leaves(t))  # noqa: E731
+      line += f", gradients rel err {(sq(jax.tree.map(lambda x, y: x - y, gb, ga)) / sq(ga)) ** 0.5:.3e}"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def _bwd_case(B, S, H, D, T, K, seed=0):
   return q, kv, idx, dout, lse, delta, scale
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 64, 512, 1024, 640), (2, 5, 8, 128, 50, 70), (1, 3, 128, 512, 900, 1024)])
+@pytest.mark.parametrize("shape", [(1, 8, 64, 512, 1024, 640), (2, 5, 8, 128, 50, 70), (1, 3, 128, 512, 900, 1024),
+                                   (2, 40000, 8, 128, 64, 64)])  # the last: B·S rows over CUDA's 65535 grid cap
 def test_backward_kernel_lowers_for_cuda(shape):
   """jax.export for CUDA lowers the whole Mosaic GPU backward module (not the PTX compile) at production head
   shapes, with dkv a float32 buffer threaded through the kernel as a mutable ref."""

@@ -1,6 +1,6 @@
 """Mosaic GPU (Hopper) kernel for gather-sparse attention: the backward pass (dq and dkv).
 
-Same grid as the forward (gpu.py): one CTA per (query, group of 64 heads), the heads the M = 64 rows of the
+As in the forward (gpu.py), one CTA per (query, group of 64 heads), the heads the M = 64 rows of the
 WGMMAs that produce dq, the BLOCK_K = 64 selected keys of a step the M rows of those that produce dkv. Per step,
 with K the step's gathered kv rows (K = V), s = Q·Kᵀ, p = exp(scale·s − lse), dp = dO·Kᵀ and
 ds = scale · p ⊙ (dp − delta):
@@ -17,8 +17,9 @@ dO and the tiles.
 
 dkv accumulates in a float32 buffer passed in as a mutable ref (jax.new_ref), BLOCK_K rows longer than the kv
 rows: selected entry j of a step whose index is -1 adds its zeros to spare row n_kv + j instead of branching.
-The reductions are `red.global.add.v2.f32`; their order varies from run to run, so dkv is not bit-reproducible
-(like XLA's scatter-add on the GPU).
+The reductions are `red.global.add.v4.f32` (REDUCE_WIDTH); their order varies from run to run, so dkv is not
+bit-reproducible (like XLA's scatter-add on the GPU). They bound the kernel on the H200: at Flash S = 8K it takes
+13.2 ms with them and 7.6 ms with them switched off (experiments/results/kernels.md).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pallas_kernels.sparse_attention.gpu import (_MAX_GRID_ROWS, _OUT_KWARG, BLO
                                                  _round_up, _store_column_half)
 
 BLOCK_K = 64  # selected keys per step: the M dimension of the dkv WGMMAs
-REDUCE_WIDTH = 2  # float32 values per dkv reduction instruction (2, or 4 after a lane shuffle)
+REDUCE_WIDTH = 4  # float32 values per dkv reduction (4 after a lane shuffle: 13.2 vs 15.8 ms with 2 at Flash 8K)
 _LOG2E = math.log2(math.e)
 _SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in)
 
@@ -112,6 +113,10 @@ def _backward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, width):
   nch = dp // CHUNK  # column chunks of D
   half = nch // 2  # chunks owned by each compute warpgroup
   nblk = kp // BLOCK_K
+  # grid (row chunk, row, head group), launched as CUDA's (z, y, x): y and z are capped at 65535, so rows past
+  # that go to more chunks (no copies of the inputs); the head groups of a query run next to each other
+  n_chunks = -(-n_rows // _MAX_GRID_ROWS)
+  chunk_rows = -(-n_rows // n_chunks)
   rows_k = BLOCK_K // 2  # keys each compute warpgroup scores per step
   slots = _slots(dp, nblk)
   mem_regs = 40
@@ -122,12 +127,13 @@ def _backward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, width):
   def body(q_ref, do_ref, kv_ref, idx_ref, lse_ref, delta_ref, dkv_ref, dq_ref, q_smem, do_smem, slots_ref,
            idx_smem, lse_smem, delta_smem, in_bar, loaded, consumed, tiles, done, p_smem, ds_smem):
     k_tiled, k_rows = slots_ref
-    n = lax.axis_index("n")
+    n = lax.axis_index("nc") * chunk_rows + lax.axis_index("n")
     hg = lax.axis_index("hg")
     wg = lax.axis_index("wg")
     heads = pl.ds(hg * BLOCK_H, BLOCK_H)
+    live = n < n_rows  # the last chunk may have rows past the end
 
-    @pl.when(wg == 2)
+    @pl.when(live & (wg == 2))
     def _memory():
       for c in range(nch):
         plgpu.copy_gmem_to_smem(q_ref.at[n, heads, pl.ds(c * CHUNK, CHUNK)], q_smem.at[c], in_bar)
@@ -217,7 +223,7 @@ def _backward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, width):
         plgpu.copy_smem_to_gmem(q_smem.at[cc], dq_ref.at[n, heads, pl.ds(cc * CHUNK, CHUNK)])
       plgpu.wait_smem_to_gmem(0)
 
-    pl.when(wg < 2)(_compute)
+    pl.when(live & (wg < 2))(_compute)
 
   def entry(q_ref, do_ref, kv_ref, idx_ref, lse_ref, delta_ref, dkv_ref, dq_ref):
     slot_shape = (slots, nch, BLOCK_K, CHUNK)
@@ -244,8 +250,8 @@ def _backward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, width):
   return plgpu.kernel(
       entry,
       **{_OUT_KWARG: jax.ShapeDtypeStruct((n_rows, hp, dp), dtype)},
-      grid=(n_rows, hp // BLOCK_H),
-      grid_names=("n", "hg"),
+      grid=(n_chunks, chunk_rows, hp // BLOCK_H),
+      grid_names=("nc", "n", "hg"),
       num_threads=3,
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -275,19 +281,7 @@ def sparse_attention_gpu_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, de
   # padded heads: lse huge (p = 0), delta 0; finite, so no inf - inf
   lse = jnp.pad(lse_BSH.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - H)), constant_values=1e30).reshape(n, hp)
   delta = jnp.pad(delta_BSH.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - H))).reshape(n, hp)
-  n_chunks = -(-n // _MAX_GRID_ROWS)  # CUDA caps the grid's second and third dimensions at 65535
-  rows = -(-n // n_chunks)
-  pad = n_chunks * rows - n
-  q, do = (jnp.pad(x, ((0, pad), (0, 0), (0, 0))) for x in (q, do))
-  idx = jnp.pad(idx, ((0, pad), (0, 0), (0, 0)), constant_values=-1)
-  lse = jnp.pad(lse, ((0, pad), (0, 0)), constant_values=1e30)
-  delta = jnp.pad(delta, ((0, pad), (0, 0)))
-  call = _backward_call(rows, n_kv, hp, dp, kp, dtype, scale, reduce_width)
   dkv_ref = jax.new_ref(jnp.zeros((n_kv + BLOCK_K, dp), jnp.float32))
-  dq = []
-  for i in range(n_chunks):
-    part = slice(i * rows, (i + 1) * rows)
-    dq.append(call(q[part], do[part], kv, idx[part], lse[part], delta[part], dkv_ref))
-  dq = jnp.concatenate(dq)[:n] if n_chunks > 1 else dq[0]
+  dq = _backward_call(n, n_kv, hp, dp, kp, dtype, scale, reduce_width)(q, do, kv, idx, lse, delta, dkv_ref)
   dkv = jax.freeze(dkv_ref)[:n_kv].reshape(B, T, dp)[:, :, :D]
   return dq.reshape(B, S, hp, dp)[:, :, :H, :D].astype(q_BSHD.dtype), dkv
