@@ -73,8 +73,9 @@ def index_scores(q_BCHK, k_BNK, w_BCH):
 
 
 def implementation(cfg, topk: int) -> str:
-  """The indexer_topk implementation for cfg.attention_impl: the same, except "gpu" (no GPU top-k kernel
-  yet) and a top-k beyond the TPU kernel's (the dense stage takes every entry), which run the reference."""
+  """The indexer_topk implementation for cfg.attention_impl: the same, except "gpu" (the GPU score kernel has
+  not been run on a GPU yet: pallas_kernels.indexer_topk) and a top-k beyond the TPU kernel's (the dense stage
+  takes every entry), which run the reference."""
   if cfg.attention_impl == "gpu" or topk > MAX_TOPK:
     return "reference"
   return cfg.attention_impl

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.indexer_topk.gpu import supports as gpu_supports
 from pallas_kernels.indexer_topk.tpu import MAX_TOPK
 from pallas_kernels.indexer_topk.vjp import indexer_topk_vjp
 
@@ -28,8 +29,10 @@ def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, impleme
   int32, -1 where fewer are visible; scores [B,S,topk] float32 at those indices, -inf where -1). The scores are
   differentiable in q, k and w (no gradient through the selection). "auto" is the TPU kernel on a TPU backend
   for topk <= MAX_TOPK, else the reference; "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for
-  tests). `query_chunk`
-  sets the reference's queries per chunk (default: a fixed element budget).
+  tests); "gpu" (explicit only, Hopper, D a multiple of 64 up to 256, H <= 256) scores with the Mosaic GPU kernel
+  of gpu.py and selects as the reference does: so far checked by CUDA lowering only, not yet run on a GPU
+  (experiments/check_indexer_topk_gpu.py is its H200 check), so "auto" does not pick it. `query_chunk` sets the
+  queries per chunk (default: a fixed element budget).
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
@@ -48,8 +51,12 @@ def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, impleme
   if not isinstance(topk, int) or topk < 0:
     raise ValueError(f"topk must be a non-negative int, got {topk!r}")
   if implementation == "gpu":
-    raise NotImplementedError("the Mosaic GPU indexer top-k kernel is not built yet; use implementation="
-                              "'reference' (or 'auto', which picks the reference off TPU)")
+    if jax.default_backend() != "gpu":
+      raise ValueError(f"implementation='gpu' needs an NVIDIA GPU (Hopper) backend; this one is "
+                       f"{jax.default_backend()!r}. Use 'auto' or 'reference'")
+    if not gpu_supports(D, H):
+      raise ValueError(f"implementation='gpu' takes a head dim that is a multiple of 64 up to 256 and at most "
+                       f"256 heads; got D {D}, H {H}. Use 'auto' or 'reference'")
   if implementation == "tpu" and topk > MAX_TOPK:
     raise ValueError(f"topk={topk} > {MAX_TOPK} is not supported by the TPU kernel; use implementation='auto' "
                      "or 'reference'")

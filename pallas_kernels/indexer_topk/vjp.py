@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_kernels._query_chunks import merge_queries, split_queries
-from pallas_kernels.indexer_topk import tpu
+from pallas_kernels.indexer_topk import gpu, tpu
 from pallas_kernels.indexer_topk.reference import indexer_topk_reference
 
 _F32 = jnp.float32
@@ -60,12 +60,14 @@ def indexer_topk_bwd(q_BSHD, k_BND, w_BSH, idx_BSK, dscores_BSK, *, query_chunk:
 def _forward(q, k, w, start, end, topk, implementation, query_chunk):
   if implementation == "reference":
     return indexer_topk_reference(q, k, w, start, end, topk=topk, query_chunk=query_chunk)
+  if implementation == "gpu":
+    return gpu.indexer_topk_gpu(q, k, w, start, end, topk=topk, query_chunk=query_chunk)
   return tpu.indexer_topk_tpu(q, k, w, start, end, topk=topk)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def indexer_topk_vjp(q, k, w, start, end, topk: int, implementation: str, query_chunk):
-  """The op with the shared backward; `implementation` is "reference" or "tpu"."""
+  """The op with the shared backward; `implementation` is "reference", "tpu" or "gpu"."""
   return _forward(q, k, w, start, end, topk, implementation, query_chunk)
 
 
