@@ -29,8 +29,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.indexer_topk.reference import indexer_topk_reference
+from pallas_kernels.paged_index_scores.gpu import TILE, weighted_relu_scores  # TILE: entries per WGMMA (its M)
 
-TILE = 64  # entries per WGMMA (its M)
 TILES = 8  # tiles per CTA, all copies in flight together
 COLS = 64  # dims per swizzle atom (128 bytes of bf16)
 MAX_ROWS = 65535  # CUDA's cap on the grid dimension the rows go to
@@ -74,15 +74,7 @@ def _call(rows, rows_per_b, n_cta, hp, dp, tiles):
       @pl.loop(0, tiles)
       def _tile(t):
         plgpu.barrier_wait(tile_bar.at[t])
-
-        def logits(acc_ref):
-          for c in range(nd):
-            plgpu.wgmma(acc_ref, slots.at[t, c], q_smem.at[c].transpose((1, 0)))
-          return acc_ref[...]
-
-        s = pl.run_scoped(logits, plgpu.ACC((TILE, hp), jnp.float32))
-        s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])
-        out_smem[t] = s.sum(axis=1)
+        out_smem[t] = weighted_relu_scores([slots.at[t, c] for c in range(nd)], [q_smem.at[c] for c in range(nd)], w)
 
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_ref.at[n, pl.ds(cta * tiles, tiles)])

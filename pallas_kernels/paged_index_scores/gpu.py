@@ -117,6 +117,22 @@ def _dequant_tile():
   return dequant
 
 
+def weighted_relu_scores(keys, q_parts, w):
+  """Σ_h w[h] · relu(k·q_h) for a tile of TILE keys: [TILE] float32 (the WGMMA row layout). keys: the tile's A
+  operands over the dims (registers or shared memory, [TILE, 64] each), q_parts: the matching [H, 64] parts of q
+  in shared memory (used transposed), w: [H] float32 in the WGMMA column layout. Inside a Mosaic GPU kernel."""
+  hp = q_parts[0].shape[0]
+
+  def logits(acc_ref):
+    for a, q in zip(keys, q_parts, strict=True):
+      plgpu.wgmma(acc_ref, a, q.transpose((1, 0)))
+    return acc_ref[...]
+
+  s = pl.run_scoped(logits, plgpu.ACC((TILE, hp), jnp.float32))
+  s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])
+  return s.sum(axis=1)
+
+
 def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, tiles):
   run = min(keys_per_page, TILE)  # keys per contiguous page run
   runs = TILE // run  # copies per tile
@@ -143,15 +159,7 @@ def _call(rows, n_cta, hp, keys_per_page, q_rows_per_b, interpret, tiles):
     def _tile(t):
       plgpu.barrier_wait(tile_bar.at[t])
       even, odd = dequant(slots.at[t])
-
-      def logits(acc_ref):
-        plgpu.wgmma(acc_ref, even, q_smem.at[0].transpose((1, 0)))
-        plgpu.wgmma(acc_ref, odd, q_smem.at[1].transpose((1, 0)))
-        return acc_ref[...]
-
-      s = pl.run_scoped(logits, plgpu.ACC((TILE, hp), jnp.float32))
-      s = jnp.maximum(s, 0.0) * lax.broadcast_in_dim(w, s.shape, [1])
-      out_smem[t] = s.sum(axis=1)
+      out_smem[t] = weighted_relu_scores((even, odd), (q_smem.at[0], q_smem.at[1]), w)
 
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(out_smem, out_ref.at[n, pl.ds(cta * tiles, tiles)])
