@@ -10,6 +10,8 @@ Useful FLOPs count only the keys each query attends: 4·H·D·(window + k) per q
 lse), the Mosaic GPU kernel next to the XLA formulation it replaced. Dense comparisons at the same S: cuDNN causal flash attention
 (H heads, one KV head; D = 512 where cuDNN takes it, else noted) and the dense-mask formulation (all S + S/4 keys
 scored, a mask from the indices: what a port without a gather kernel computes), query-chunked so it fits.
+Indexer top-k (on a GPU): the forward of `indexer_topk` with implementation "gpu" (Mosaic GPU scores + the
+reference's selection) and "reference", with the fraction of indices equal between them.
 Ceilings measured in the same run: bf16 matmul 8192³ and a device-to-device copy. Medians of N timed runs after
 a compile-and-warm run; each case stops being measured once the time budget is spent (noted in the table).
 """
@@ -33,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import pallas_kernels  # noqa: E402
 from pallas_kernels.compress import block_slots  # noqa: E402
+from pallas_kernels.indexer_topk import causal_visible_end  # noqa: E402
 from pallas_kernels.sparse_attention import vjp  # noqa: E402
 from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: E402
 from pallas_kernels.sparse_attention.gpu_bwd import REDUCE_WIDTH, sparse_attention_gpu_bwd  # noqa: E402
@@ -248,6 +251,18 @@ def main():
     except Exception as e:  # noqa: BLE001
       emit(f"| {S} | reference | {type(e).__name__}: {str(e)[:100]} | | |")
   emit()
+  if on_gpu:
+    emit("## Indexer top-k (Flash CSA: 64 index heads × 128, m 4, top-512, causal), forward")
+    emit()
+    emit("| S | implementation | ms | useful TFLOP/s | of matmul | indices equal to the reference's |")
+    emit("|---|---|---|---|---|---|")
+    for S in [8192, 32768, 131072]:
+      if over():
+        emit(f"| {S} | (time budget spent) | | | | |")
+        break
+      for row_text in _bench_indexer(S, mm_flops):
+        emit(row_text)
+    emit()
   emit(f"Total wall time {time.time() - t_start:.0f} s.")
 
 
@@ -275,6 +290,28 @@ def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flo
 
 def _xla_bwd(q, kv, idx, dout, lse, delta, *, scale):
   return vjp.reference_bwd(q, kv, idx, dout, lse, delta, scale=scale, query_chunk=512, operand_dtype=jnp.bfloat16)
+
+
+def _bench_indexer(S, mm_flops, H=64, d=128, m=4, topk=512):
+  """Rows for the indexer's forward: the GPU path (Mosaic GPU scores + the reference's selection) and the
+  reference (at S <= 32K; thousands of chunks at 128K). Useful FLOPs: 2·H·d per visible (query, entry) pair."""
+  kq, kk, kw = jax.random.split(jax.random.key(5), 3)
+  q = jax.random.normal(kq, (1, S, H, d), jnp.bfloat16)
+  k = jax.random.normal(kk, (1, S // m, d), jnp.bfloat16)
+  w = jax.random.normal(kw, (1, S, H), jnp.float32)
+  end = causal_visible_end(jnp.arange(S)[None], m)
+  flops = 2 * H * d * float(jnp.sum(end))
+  rows, picks = [], {}
+  for impl in ("gpu", "reference") if S <= 32768 else ("gpu",):
+    try:
+      f = jax.jit(functools.partial(pallas_kernels.indexer_topk, topk=topk, implementation=impl))
+      t = median_time(f, q, k, w, end, steps=3)
+      picks[impl] = np.asarray(f(q, k, w, end)[0])
+      same = f"{np.mean(picks['gpu'] == picks['reference']):.4%}" if len(picks) == 2 else ""
+      rows.append(f"| {S} | {impl} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {flops / t / mm_flops:.1%} | {same} |")
+    except Exception as e:  # noqa: BLE001
+      rows.append(f"| {S} | {impl} | {type(e).__name__}: {str(e)[:80]} | | | |")
+  return rows
 
 
 def _bench_compress(S, copy_bw):
