@@ -131,6 +131,20 @@ def _random_rows(key, lead_shape, pack, width: int, pool: int = 4096):
   return rows[jax.random.randint(k2, lead_shape, 0, pool)]
 
 
+def time_engine_modes(model, cfg, batch: int, context: int, steps: int, warmup: int, kv_format: str,
+                      modes=(True,)):
+  """Yields (dispatch_ahead, timings) of the serving engine's step at context × batch on a synthetic cache, for
+  each mode (True: dispatch-ahead, False: waiting); one backend, sized for the timed steps past the context."""
+  max_len = context + 256 * -(-(2 * steps + warmup + 8) // 256)
+  backend = engine_backend(model, batch, max_len, kv_format)
+
+  def fill(_):
+    return fill_synthetic(model.init_cache(batch, max_len, kv_format=kv_format), cfg, context, seed=context + batch)
+
+  for ahead in modes:
+    yield ahead, time_engine(backend, fill, context, steps, warmup, dispatch_ahead=ahead)
+
+
 def fill_synthetic(cache: cache_lib.InferenceCache, cfg: ModelConfig, length: int, seed: int = 0):
   """`cache` (fresh from init_cache) as if every slot had been prefilled with `length` tokens.
 
@@ -594,11 +608,8 @@ def main(argv=None) -> int:
         + (" and waiting" if args.engine_waiting else ""))
 
     def engine_cases() -> None:
-      max_len = ctx + 256 * -(-(2 * steps + args.warmup + 8) // 256)
-      backend = engine_backend(model, B, max_len, fmt)
-      fill = lambda cache: fill_synthetic(model.init_cache(B, max_len, kv_format=fmt), cfg, ctx, seed=ctx + B)
-      for ahead in (True, False) if args.engine_waiting else (True,):
-        e = time_engine(backend, fill, ctx, steps, args.warmup, dispatch_ahead=ahead)
+      modes = (True, False) if args.engine_waiting else (True,)
+      for ahead, e in time_engine_modes(model, cfg, B, ctx, steps, args.warmup, fmt, modes):
         e["floor_s"] = decode_bytes(cfg, B, ctx, fmt)["total"] / r["bw"]
         r["engine"].append(e)
         log(f"  {'dispatch-ahead' if ahead else 'waiting'}: engine step {e['step_s'] * 1e3:.2f} ms (mean "

@@ -31,8 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_serve import bench_config, fill_synthetic, log, time_decode  # noqa: E402
-from engine_timing import engine_backend, time_engine  # noqa: E402
+from bench_serve import bench_config, fill_synthetic, log, time_decode, time_engine_modes  # noqa: E402
 
 COMPILER_OPTIONS = {"default": None, "cb-off": {"xla_gpu_enable_command_buffer": ""},
                     "cb-no-custom-calls": {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUDNN"}}
@@ -85,12 +84,7 @@ def main(argv=None) -> int:
   for name in args.variants:
     mhc._sinkhorn_unrolled, mhc.ITERS_PER_FUSION = sinkhorn, iters_per_fusion  # the code's, unless set below
     if name == "engine":
-      e_len = args.context + 256 * -(-(2 * args.steps + args.warmup + 8) // 256)
-      backend = engine_backend(model, args.batch, e_len, "fp8")
-      fill = lambda _, n=e_len: fill_synthetic(model.init_cache(args.batch, n, kv_format="fp8"), cfg, args.context,
-                                               seed=args.context + args.batch)
-      e = time_engine(backend, fill, args.context, args.steps, args.warmup, dispatch_ahead=True)
-      del backend
+      [(_, e)] = time_engine_modes(model, cfg, args.batch, args.context, args.steps, args.warmup, "fp8")
       log(f"RESULT {args.context} x {args.batch} engine: synced {e['step_s'] * 1e3:.3f} ms, back-to-back "
           f"{e['mean_s'] * 1e3:.3f} ms, compile + first {e['first_s']:.0f} s")
       continue
