@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.sparse_attention import vjp
+from pallas_kernels.sparse_attention import gpu_bwd, vjp
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
 ON_GPU = jax.default_backend() == "gpu"
@@ -85,33 +85,62 @@ def _bwd_case(B, S, H, D, T, K, seed=0):
   return q, kv, idx, dout, lse, delta, scale
 
 
+NEEDS_REFS = pytest.mark.skipif(not gpu_bwd.SUPPORTED, reason="the backward kernel needs jax >= 0.11 (mutable refs)")
+
+
+@NEEDS_REFS
 @pytest.mark.parametrize("shape", [(1, 8, 64, 512, 1024, 640), (2, 5, 8, 128, 50, 70), (1, 3, 128, 512, 900, 1024),
                                    (2, 40000, 8, 128, 64, 64)])  # the last: B·S rows over CUDA's 65535 grid cap
 def test_backward_kernel_lowers_for_cuda(shape):
   """jax.export for CUDA lowers the whole Mosaic GPU backward module (not the PTX compile) at production head
   shapes, with dkv a float32 buffer threaded through the kernel as a mutable ref."""
-  from pallas_kernels.sparse_attention.gpu_bwd import sparse_attention_gpu_bwd  # noqa: PLC0415
   B, S, H, D, T, K = shape
   args = (jax.ShapeDtypeStruct((B, S, H, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16),
           jax.ShapeDtypeStruct((B, S, K), jnp.int32), jax.ShapeDtypeStruct((B, S, H, D), jnp.bfloat16),
           jax.ShapeDtypeStruct((B, S, H), jnp.float32), jax.ShapeDtypeStruct((B, S, H), jnp.float32))
-  exported = jax.export.export(jax.jit(lambda *a: sparse_attention_gpu_bwd(*a, scale=0.05)), platforms=["cuda"])(*args)
+  backward = jax.jit(lambda *a: gpu_bwd.sparse_attention_gpu_bwd(*a, scale=0.05))
+  exported = jax.export.export(backward, platforms=["cuda"])(*args)
   assert exported.mlir_module().count("mosaic_gpu_v2") == 1
   assert [a.shape for a in exported.out_avals] == [(B, S, H, D), (B, T, D)]
   assert [a.dtype for a in exported.out_avals] == [jnp.bfloat16, jnp.float32]
 
 
+@NEEDS_REFS
 @pytest.mark.skipif(not ON_GPU, reason="the Mosaic GPU kernel needs an NVIDIA Hopper GPU")
 @pytest.mark.parametrize("shape", [(1, 6, 64, 512, 700, 640), (2, 37, 8, 128, 50, 40), (1, 4, 128, 512, 900, 1024),
                                    (2, 9, 16, 192, 300, 70)])
 def test_backward_kernel_matches_reference(shape):
   """dq and dkv of the Mosaic GPU backward against the float32 reference backward (16-bit operands: ~1e-2)."""
-  from pallas_kernels.sparse_attention.gpu_bwd import sparse_attention_gpu_bwd  # noqa: PLC0415
   q, kv, idx, dout, lse, delta, scale = _bwd_case(*shape)
-  got = sparse_attention_gpu_bwd(q, kv, idx, dout, lse, delta, scale=scale)
+  got = gpu_bwd.sparse_attention_gpu_bwd(q, kv, idx, dout, lse, delta, scale=scale)
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
   want = vjp.reference_bwd(f32(q), f32(kv), idx, f32(dout), lse, delta, scale=scale)
   for g, w, name in zip(got, want, ("dq", "dkv")):
     g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
     assert np.isfinite(g).all(), name
     assert np.linalg.norm(g - w) / np.linalg.norm(w) < 2e-2, name
+
+
+@NEEDS_REFS
+def test_backward_kernel_lowers_inside_shard_map_and_remat():
+  """The model's multi-device path: grad through a rematerialized op inside shard_map (kernel_sharding's wrapper),
+  with the backward's mutable dkv ref created inside the custom_vjp's bwd; lowered for CUDA."""
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  idx_spec = jax.ShapeDtypeStruct((2, 8, 128), jnp.int32)
+
+  def loss(q, kv, sink, idx):
+    attend = jax.checkpoint(lambda q, kv, sink: vjp.sparse_attention_vjp(q, kv, sink, idx, 0.05, "gpu"))
+    out, lse = attend(q, kv, sink)
+    return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
+
+  spec = jax.sharding.PartitionSpec
+  grads = jax.shard_map(jax.grad(loss, argnums=(0, 1, 2)), mesh=mesh,
+                        in_specs=(spec("data"), spec("data"), spec(), spec("data")),
+                        out_specs=(spec("data"), spec("data"), spec()), check_vma=False)
+  args = (jax.ShapeDtypeStruct((2, 8, 64, 512), jnp.bfloat16), jax.ShapeDtypeStruct((2, 256, 512), jnp.bfloat16),
+          jax.ShapeDtypeStruct((64,), jnp.float32), idx_spec)
+  shard = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, s))  # noqa: E731
+  args = tuple(shard(a, s) for a, s in zip(args, (spec("data"), spec("data"), spec(), spec("data"))))
+  exported = jax.export.export(jax.jit(grads), platforms=["cuda"])(*args)
+  assert exported.mlir_module().count("mosaic_gpu_v2") >= 2  # the forward kernel and the backward kernel
+  assert [a.shape for a in exported.out_avals] == [(2, 8, 64, 512), (2, 256, 512), (64,)]

@@ -218,7 +218,7 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       rows_k = BLOCK_K // 2 if split == "rows" else BLOCK_K  # the rows this warpgroup scores per step
       mine = pl.ds(pl.multiple_of(wg * rows_k, rows_k) if split == "rows" else 0, rows_k)
-      m_i = plgpu.load(sink_smem, layout=row_layout) * _LOG2E  # the sink: a logit whose value is 0
+      m_i = plgpu.load(sink_smem, (), layout=row_layout) * _LOG2E  # the sink: a logit whose value is 0
       # "rows": each warpgroup sums its own rows' weights, so each holds half of the sink's; the halves are added
       l_i = jnp.full_like(m_i, 0.5 if split == "rows" else 1.0)
       acc = plgpu.layout_cast(jnp.zeros((BLOCK_H, half * CHUNK), jnp.float32), plgpu.Layout.WGMMA)
@@ -227,7 +227,7 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
         xch_smem[k, wg] = x
         plgpu.barrier_arrive(xch_bar.at[k])
         plgpu.barrier_wait(xch_bar.at[k])
-        return plgpu.load(xch_smem.at[k, 1 - wg], layout=row_layout)
+        return plgpu.load(xch_smem.at[k, 1 - wg], (), layout=row_layout)
 
       def step(blk, carry):
         acc, m_i, l_i = carry
@@ -240,7 +240,7 @@ def _forward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, interpret, block_k, sl
           return acc_ref[...]
 
         s = pl.run_scoped(qk, plgpu.ACC((BLOCK_H, rows_k), jnp.float32))
-        valid = plgpu.load(idx_smem.at[blk, mine], layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
+        valid = plgpu.load(idx_smem.at[blk, mine], (), layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
         s = jnp.where(lax.broadcast_in_dim(valid, s.shape, [1]), s * (scale * _LOG2E), -jnp.inf)
         m_new = jnp.maximum(m_i, s.max(axis=1))
         if split == "rows":

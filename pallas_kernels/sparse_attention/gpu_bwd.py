@@ -39,6 +39,9 @@ from pallas_kernels.sparse_attention.gpu import (_MAX_GRID_ROWS, _OUT_KWARG, BLO
 BLOCK_K = 64  # selected keys per step: the M dimension of the dkv WGMMAs
 REDUCE_WIDTH = 4  # float32 values per dkv reduction (4 after a lane shuffle: 13.2 vs 15.8 ms with 2 at Flash 8K)
 _LOG2E = math.log2(math.e)
+# dkv is a mutable ref the kernel reads and writes; jax before 0.11 cannot trace a Pallas kernel that takes one
+# (vjp.py then runs the XLA backward on the GPU)
+SUPPORTED = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
 _SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in)
 
 
@@ -161,8 +164,8 @@ def _backward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, width):
       plgpu.barrier_wait(in_bar)
       row_layout = plgpu.Layout.WGMMA.reduce(1)
       mine = pl.ds(pl.multiple_of(wg * rows_k, rows_k), rows_k)
-      lse2 = plgpu.load(lse_smem, layout=row_layout) * _LOG2E
-      delta = plgpu.load(delta_smem, layout=row_layout)
+      lse2 = plgpu.load(lse_smem, (), layout=row_layout) * _LOG2E
+      delta = plgpu.load(delta_smem, (), layout=row_layout)
       dq = plgpu.layout_cast(jnp.zeros((BLOCK_H, half * CHUNK), jnp.float32), plgpu.Layout.WGMMA)
 
       def step(blk, dq):
@@ -178,7 +181,7 @@ def _backward_call(n_rows, n_kv, hp, dp, kp, dtype, scale, width):
 
         s, dpv = pl.run_scoped(scores, plgpu.ACC((BLOCK_H, rows_k), jnp.float32),
                                plgpu.ACC((BLOCK_H, rows_k), jnp.float32))
-        valid = plgpu.load(idx_smem.at[blk, mine], layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
+        valid = plgpu.load(idx_smem.at[blk, mine], (), layout=plgpu.Layout.WGMMA.reduce(0)) >= 0
         valid = lax.broadcast_in_dim(valid, s.shape, [1])
         p = jnp.where(valid, jnp.exp2(s * (scale * _LOG2E) - lax.broadcast_in_dim(lse2, s.shape, [0])), 0.0)
         ds = p * (dpv - lax.broadcast_in_dim(delta, s.shape, [0])) * scale
