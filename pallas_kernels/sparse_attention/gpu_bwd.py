@@ -41,7 +41,7 @@ REDUCE_WIDTH = 4  # float32 values per dkv reduction (4 after a lane shuffle: 13
 _LOG2E = math.log2(math.e)
 # dkv is a mutable ref the kernel reads and writes; jax before 0.11 cannot trace a Pallas kernel that takes one
 # (vjp.py then runs the XLA backward on the GPU)
-SUPPORTED = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
+SUPPORTED = jax.__version_info__[:2] >= (0, 11)
 _SMEM_BYTES = 227 * 1024  # Hopper's shared memory per block (opt-in)
 
 
