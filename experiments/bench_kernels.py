@@ -278,7 +278,7 @@ def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flo
   for label, fn, steps in ((f"bwd (Mosaic GPU kernel, {REDUCE_WIDTH}-wide reductions)", sparse_attention_gpu_bwd, 5),
                            (f"bwd (kernel, {other}-wide reductions)",
                             functools.partial(sparse_attention_gpu_bwd, reduce_width=other), 5),
-                           ("bwd (XLA, bf16)", _xla_bwd, 3)):
+                           ("bwd (XLA, bf16)", vjp.xla_gpu_bwd, 3)):
     try:
       t = median_time(jax.jit(functools.partial(fn, scale=scale)), q, kv, idx, dout, lse, delta, steps=steps)
       rows.append(f"| {name} H={H} k={topk} | {S} | {label} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | "
@@ -286,10 +286,6 @@ def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flo
     except Exception as e:  # noqa: BLE001
       rows.append(f"| {name} | {S} | {label} | {type(e).__name__} | | | | | | | |")
   return rows
-
-
-def _xla_bwd(q, kv, idx, dout, lse, delta, *, scale):
-  return vjp.reference_bwd(q, kv, idx, dout, lse, delta, scale=scale, query_chunk=512, operand_dtype=jnp.bfloat16)
 
 
 def _bench_indexer(S, mm_flops, H=64, d=128, m=4, topk=512):

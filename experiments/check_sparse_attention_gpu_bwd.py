@@ -75,8 +75,7 @@ def check_backward(B, S, H, D, T, K, pattern):
   want = vjp.reference_bwd(_f32(q), _f32(kv), idx, _f32(dout), lse, delta, scale=scale)
   runs = {f"kernel w{w}": gpu_bwd.sparse_attention_gpu_bwd(q, kv, idx, dout, lse, delta, scale=scale, reduce_width=w)
           for w in (2, 4)}
-  runs["xla bf16"] = vjp.reference_bwd(q, kv, idx, dout, lse, delta, scale=scale, query_chunk=512,
-                                       operand_dtype=jnp.bfloat16)
+  runs["xla bf16"] = vjp.xla_gpu_bwd(q, kv, idx, dout, lse, delta, scale=scale)
   parts = [f"{name}: dq {_rel(g[0], want[0]):.2e} dkv {_rel(g[1], want[1]):.2e}"
            f"{'' if np.isfinite(np.asarray(g[1])).all() else ' NOT FINITE'}" for name, g in runs.items()]
   print(f"BWD B{B} S{S} H{H} D{D} T{T} K{K} {pattern}: " + " | ".join(parts), flush=True)

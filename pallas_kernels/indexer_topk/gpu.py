@@ -20,7 +20,6 @@ keeps to it).
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -29,19 +28,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.indexer_topk.reference import indexer_topk_reference
-from pallas_kernels.paged_index_scores.gpu import TILE, weighted_relu_scores  # TILE: entries per WGMMA (its M)
+from pallas_kernels.paged_index_scores.gpu import (_OUT_KWARG, TILE,  # TILE: entries per WGMMA (its M)
+                                                   _round_up, weighted_relu_scores)
 
 TILES = 8  # tiles per CTA, all copies in flight together
 COLS = 64  # dims per swizzle atom (128 bytes of bf16)
 MAX_ROWS = 65535  # CUDA's cap on the grid dimension the rows go to
 _SMEM_BYTES = 200 * 1024  # of the 227 KiB a block may use: Mosaic GPU adds its own scratch
 SCORE_BUDGET = 1 << 26  # float32 elements of one chunk's [B, C, N] scores (256 MiB)
-_OUT_KWARG = "out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters else "out_shape"
-
-
-def _round_up(x, m):
-  return -(-x // m) * m
-
 
 def supports(d: int, heads: int) -> bool:
   """Whether the kernel takes this head shape (else the reference runs)."""

@@ -55,6 +55,22 @@ def _round_up(x, m):
   return -(-x // m) * m
 
 
+def _query_rows(x_BSHD, dtype, hp: int, dp: int):
+  """x (q or dO) as the kernels take it: [B·S, hp, dp] in `dtype`, heads and dims zero-padded."""
+  B, S, H, D = x_BSHD.shape
+  return jnp.pad(x_BSHD.astype(dtype), ((0, 0), (0, 0), (0, hp - H), (0, dp - D))).reshape(B * S, hp, dp)
+
+
+def _flat_kv(kv_BTD, indices_BSK, dtype, dp: int, kp: int, block_k: int):
+  """(kv as [B·T, dp] rows in `dtype`; indices into those rows, -1 kept, as [B·S, kp / block_k, block_k])."""
+  B, T, D = kv_BTD.shape
+  S, K = indices_BSK.shape[1:]
+  kv = jnp.pad(kv_BTD.astype(dtype), ((0, 0), (0, 0), (0, dp - D))).reshape(B * T, dp)
+  idx = jnp.where(indices_BSK >= 0, indices_BSK + (jnp.arange(B) * T)[:, None, None], -1).astype(jnp.int32)
+  idx = jnp.pad(idx, ((0, 0), (0, 0), (0, kp - K)), constant_values=-1).reshape(B * S, kp // block_k, block_k)
+  return kv, idx
+
+
 def _store_column_half(half_k: int):
   """An inline Mosaic GPU routine run by both compute warpgroups: store warpgroup w's [64, half_k] block of P (16-bit,
   WGMMA register layout) into columns [w·half_k, (w+1)·half_k) of the [64, 2·half_k] P tile in the (8, 64)-tiled,
@@ -322,10 +338,8 @@ def sparse_attention_gpu(q_BSHD, kv_BTD, sink_H, indices_BSK, *, scale: float, i
   if dtype not in (jnp.bfloat16, jnp.float16):  # WGMMA operands are 16-bit here
     dtype = jnp.bfloat16
   hp, dp, kp = _round_up(H, BLOCK_H), _round_up(D, 2 * CHUNK), _round_up(max(K, 1), block_k)
-  q = jnp.pad(q_BSHD.astype(dtype), ((0, 0), (0, 0), (0, hp - H), (0, dp - D))).reshape(B * S, hp, dp)
-  kv = jnp.pad(kv_BTD.astype(dtype), ((0, 0), (0, 0), (0, dp - D))).reshape(B * T, dp)
-  idx = jnp.where(indices_BSK >= 0, indices_BSK + (jnp.arange(B) * T)[:, None, None], -1).astype(jnp.int32)
-  idx = jnp.pad(idx, ((0, 0), (0, 0), (0, kp - K)), constant_values=-1).reshape(B * S, kp // block_k, block_k)
+  q = _query_rows(q_BSHD, dtype, hp, dp)
+  kv, idx = _flat_kv(kv_BTD, indices_BSK, dtype, dp, kp, block_k)
   sink = jnp.pad(sink_H.astype(jnp.float32), (0, hp - H), constant_values=-1e30)  # finite: no inf - inf in padded rows
   # CUDA caps the grid's second and third dimensions at 65535: launch ceil(B·S / 65535) equal row chunks
   n = B * S

@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sparse_attention.gpu import (_MAX_GRID_ROWS, _OUT_KWARG, BLOCK_H, CHUNK, _cp_async_gather,
-                                                 _round_up, _store_column_half)
+                                                 _flat_kv, _query_rows, _round_up, _store_column_half)
 
 BLOCK_K = 64  # selected keys per step: the M dimension of the dkv WGMMAs
 REDUCE_WIDTH = 4  # float32 values per dkv reduction (4 after a lane shuffle: 13.2 vs 15.8 ms with 2 at Flash 8K)
@@ -273,14 +273,8 @@ def sparse_attention_gpu_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, de
   dtype = q_BSHD.dtype if q_BSHD.dtype in (jnp.bfloat16, jnp.float16) else jnp.bfloat16
   hp, dp, kp = _round_up(H, BLOCK_H), _round_up(D, 2 * CHUNK), _round_up(max(K, 1), BLOCK_K)
   n, n_kv = B * S, B * T
-
-  def rows_of(x_BSHD):
-    return jnp.pad(x_BSHD.astype(dtype), ((0, 0), (0, 0), (0, hp - H), (0, dp - D))).reshape(n, hp, dp)
-
-  q, do = rows_of(q_BSHD), rows_of(dout_BSHD)
-  kv = jnp.pad(kv_BTD.astype(dtype), ((0, 0), (0, 0), (0, dp - D))).reshape(n_kv, dp)
-  idx = jnp.where(indices_BSK >= 0, indices_BSK + (jnp.arange(B) * T)[:, None, None], -1).astype(jnp.int32)
-  idx = jnp.pad(idx, ((0, 0), (0, 0), (0, kp - K)), constant_values=-1).reshape(n, kp // BLOCK_K, BLOCK_K)
+  q, do = _query_rows(q_BSHD, dtype, hp, dp), _query_rows(dout_BSHD, dtype, hp, dp)
+  kv, idx = _flat_kv(kv_BTD, indices_BSK, dtype, dp, kp, BLOCK_K)
   # padded heads: lse huge (p = 0), delta 0; finite, so no inf - inf
   lse = jnp.pad(lse_BSH.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - H)), constant_values=1e30).reshape(n, hp)
   delta = jnp.pad(delta_BSH.astype(jnp.float32), ((0, 0), (0, 0), (0, hp - H))).reshape(n, hp)

@@ -69,9 +69,9 @@ def reference_bwd(q_BSHD, kv_BTD, indices_BSK, dout_BSHD, lse_BSH, delta_BSH, *,
 
 _FORWARD = {"reference": sparse_attention_reference, "tpu": tpu.sparse_attention_tpu, "gpu": gpu.sparse_attention_gpu}
 # the XLA formulation the Mosaic GPU backward replaced: the GPU backward on jax < 0.11 (gpu_bwd.SUPPORTED)
-_xla_gpu_bwd = functools.partial(reference_bwd, query_chunk=512, operand_dtype=jnp.bfloat16)
+xla_gpu_bwd = functools.partial(reference_bwd, query_chunk=512, operand_dtype=jnp.bfloat16)
 _BACKWARD = {"reference": reference_bwd, "tpu": tpu.sparse_attention_tpu_bwd,
-             "gpu": gpu_bwd.sparse_attention_gpu_bwd if gpu_bwd.SUPPORTED else _xla_gpu_bwd}
+             "gpu": gpu_bwd.sparse_attention_gpu_bwd if gpu_bwd.SUPPORTED else xla_gpu_bwd}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
