@@ -12,8 +12,10 @@ lse), the Mosaic GPU kernel next to the XLA formulation it replaced. Dense compa
 scored, a mask from the indices: what a port without a gather kernel computes), query-chunked so it fits.
 Indexer top-k (on a GPU): the forward of `indexer_topk` with implementation "gpu" (Mosaic GPU scores + the
 reference's selection) and "reference", with the fraction of indices equal between them.
-Ceilings measured in the same run: bf16 matmul 8192³ and a device-to-device copy. Medians of N timed runs after
-a compile-and-warm run; each case stops being measured once the time budget is spent (noted in the table).
+Ceilings measured in the same run: bf16 matmul 8192³ and a device-to-device copy. Times are the device's per
+call (timing.device_time: calls under 20 ms dispatched back to back, so the host's ~0.1 ms dispatch-and-wait is
+not counted; longer ones synced), medians of N after a compile-and-warm run; each case stops being measured once
+the time budget is spent (noted in the table).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pallas_kernels.sparse_attention import vjp  # noqa: E402
 from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: E402
 from pallas_kernels.sparse_attention.gpu_bwd import REDUCE_WIDTH, sparse_attention_gpu_bwd  # noqa: E402
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference  # noqa: E402
-from timing import copy_bandwidth, matmul_rate, median_time  # noqa: E402
+from timing import copy_bandwidth, device_time, matmul_rate, median_time  # noqa: E402
 
 WINDOW = 128
 SHAPES = {"Flash": dict(H=64, topk=512), "Pro": dict(H=128, topk=1024)}
@@ -106,7 +108,7 @@ def cudnn_causal(S, H, d):
   q = jnp.ones((1, S, H, d), jnp.bfloat16)
   k = jnp.ones((1, S, 1, d), jnp.bfloat16)
   f = jax.jit(lambda q, k: jax.nn.dot_product_attention(q, k, k, is_causal=True, implementation="cudnn"))
-  return median_time(f, q, k), 4 * H * d * S * S / 2
+  return device_time(f, q, k), 4 * H * d * S * S / 2
 
 
 def main():
@@ -114,6 +116,8 @@ def main():
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
   ap.add_argument("--small", action="store_true", help="tiny sizes: checks the script runs (CPU/GPU)")
   ap.add_argument("--budget-s", type=float, default=420.0)
+  ap.add_argument("--variants", action="store_true",
+                  help="also the forward with split=\"none\" and the backward with the other reduction width")
   args = ap.parse_args()
   t_start = time.time()
   on_gpu = jax.default_backend() == "gpu"
@@ -139,6 +143,31 @@ def main():
   emit(f"Command: `python experiments/bench_kernels.py{' --small' if args.small else ''}`. "
        f"Kernel = implementation=\"{impl}\"{what}")
   emit()
+  over = lambda: time.time() - t_start > args.budget_s  # noqa: E731
+  emit("## Compression (spec §5 pooling + RMSNorm + RoPE), Flash CSA shape (c 512, overlap, m 4)")
+  emit()
+  emit("| S | implementation | ms | GB/s moved | of copy bandwidth |")
+  emit("|---|---|---|---|---|")
+  for S in ([2048] if args.small else [32768, 131072]):
+    if over():
+      break
+    try:
+      emit(_bench_compress(S, copy_bw))
+    except Exception as e:  # noqa: BLE001
+      emit(f"| {S} | reference | {type(e).__name__}: {str(e)[:100]} | | |")
+  emit()
+  if on_gpu:
+    emit("## Indexer top-k (Flash CSA: 64 index heads × 128, m 4, top-512, causal), forward")
+    emit()
+    emit("| S | implementation | ms | useful TFLOP/s | of matmul | indices equal to the reference's |")
+    emit("|---|---|---|---|---|---|")
+    for S in [8192, 32768, 131072]:
+      if over():
+        emit(f"| {S} | (time budget spent) | | | | |")
+        break
+      for row_text in _bench_indexer(S, mm_flops):
+        emit(row_text)
+    emit()
   sizes = [1024, 2048] if args.small else [8192, 32768, 131072]
   emit("## Gather-sparse attention (one CSA layer's attention: window 128 + top-k)")
   emit()
@@ -146,7 +175,6 @@ def main():
        "dense-mask ms | kernel vs dense-mask | cuDNN dense causal ms |")
   emit("|---|---|---|---|---|---|---|---|---|---|---|")
   scale = D ** -0.5
-  over = lambda: time.time() - t_start > args.budget_s  # noqa: E731
 
   for name, shp in SHAPES.items():
     H, topk = shp["H"], shp["topk"]
@@ -163,18 +191,18 @@ def main():
       ref = jax.jit(functools.partial(sparse_attention_reference, scale=scale))
       row = {}
       try:
-        row["k"] = median_time(kern, q, kv, sink, idx)
+        row["k"] = device_time(kern, q, kv, sink, idx)
       except Exception as e:  # noqa: BLE001
         row["k_err"] = f"{type(e).__name__}"
         traceback.print_exc()
       try:
-        row["r"] = median_time(ref, q, kv, sink, idx, steps=3)
+        row["r"] = device_time(ref, q, kv, sink, idx, steps=3)
       except Exception as e:  # noqa: BLE001
         row["r_err"] = type(e).__name__
       dm = "n/a"
       if S <= 32768 and not over():
         try:
-          t_dm = median_time(jax.jit(functools.partial(dense_mask_attention, scale=scale)), q, kv, sink, idx,
+          t_dm = device_time(jax.jit(functools.partial(dense_mask_attention, scale=scale)), q, kv, sink, idx,
                              steps=3)
           dm = f"{t_dm * 1e3:.1f}"
           row["dm"] = t_dm
@@ -202,9 +230,9 @@ def main():
       ratio = f"{row['dm'] / row['k']:.1f}×" if "dm" in row and "k" in row else "-"
       emit(f"| {name} H={H} k={topk} | {S} | fwd | {k_ms} | {k_tf:.1f} | {k_tf * 1e12 / mm_flops:.1%} | {r_ms} | "
            f"{r_tf:.1f} | {dm} | {ratio} | {cud} |")
-      if on_gpu and not over():  # the same forward with both compute warpgroups scoring every row (split="none")
+      if on_gpu and args.variants and not over():  # the forward with both compute warpgroups on every row
         try:
-          t_none = median_time(jax.jit(functools.partial(sparse_attention_gpu, scale=scale, split="none")),
+          t_none = device_time(jax.jit(functools.partial(sparse_attention_gpu, scale=scale, split="none")),
                                q, kv, sink, idx)
           emit(f"| {name} H={H} k={topk} | {S} | fwd, split=\"none\" | {t_none * 1e3:.2f} | "
                f"{fwd_flops / t_none / 1e12:.1f} | {fwd_flops / t_none / mm_flops:.1%} | | | | | |")
@@ -218,55 +246,32 @@ def main():
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(lse)
       try:
         g = jax.jit(jax.grad(functools.partial(loss, f=kern), argnums=(0, 1, 2)))
-        t_fb = median_time(g, q, kv, sink, steps=3)
+        t_fb = device_time(g, q, kv, sink, steps=3)
         fb_flops = fwd_flops * 3.5
         emit(f"| {name} H={H} k={topk} | {S} | fwd+bwd | {t_fb * 1e3:.2f} | {fb_flops / t_fb / 1e12:.1f} | "
              f"{fb_flops / t_fb / mm_flops:.1%} | | | | | |")
       except Exception as e:  # noqa: BLE001
         emit(f"| {name} | {S} | fwd+bwd | {type(e).__name__} | | | | | | | |")
       if on_gpu and not over():
-        for row_text in _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flops):
+        for row_text in _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flops,
+                                        args.variants):
           emit(row_text)
   if not args.small and on_gpu and not over():
     S, last = 1 << 20, 1 << 17
     try:  # the last 128K queries of a 1M context (kv: 1M raw rows + 256K entries); q for all 1M would be 64 GiB
       q, kv, sink, idx = csa_inputs(S, 64, 512, last=last)
       kern = jax.jit(functools.partial(pallas_kernels.sparse_attention, scale=scale, implementation=impl))
-      t = median_time(kern, q, kv, sink, idx, steps=2)
+      t = device_time(kern, q, kv, sink, idx, steps=2)
       emit(f"| Flash H=64 k=512 | 1M context, last 128K queries (×8 = {8 * t * 1e3:.0f} ms for all 1M) | fwd | "
            f"{t * 1e3:.0f} | {4 * 64 * D * 640 * last / t / 1e12:.1f} | {4 * 64 * D * 640 * last / t / mm_flops:.1%} "
            f"| | | | | |")
     except Exception as e:  # noqa: BLE001
       emit(f"| Flash | 1M | fwd | {type(e).__name__}: {str(e)[:80]} | | | | | | | |")
   emit()
-  emit("## Compression (spec §5 pooling + RMSNorm + RoPE), Flash CSA shape (c 512, overlap, m 4)")
-  emit()
-  emit("| S | implementation | ms | GB/s moved | of copy bandwidth |")
-  emit("|---|---|---|---|---|")
-  for S in ([2048] if args.small else [32768, 131072]):
-    if over():
-      break
-    try:
-      emit(_bench_compress(S, copy_bw))
-    except Exception as e:  # noqa: BLE001
-      emit(f"| {S} | reference | {type(e).__name__}: {str(e)[:100]} | | |")
-  emit()
-  if on_gpu:
-    emit("## Indexer top-k (Flash CSA: 64 index heads × 128, m 4, top-512, causal), forward")
-    emit()
-    emit("| S | implementation | ms | useful TFLOP/s | of matmul | indices equal to the reference's |")
-    emit("|---|---|---|---|---|---|")
-    for S in [8192, 32768, 131072]:
-      if over():
-        emit(f"| {S} | (time budget spent) | | | | |")
-        break
-      for row_text in _bench_indexer(S, mm_flops):
-        emit(row_text)
-    emit()
   emit(f"Total wall time {time.time() - t_start:.0f} s.")
 
 
-def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flops):
+def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flops, variants=False):
   """Rows for the backward alone (dq, dkv from the forward's out and lse): the Mosaic GPU kernel and the XLA
   formulation it replaced (bf16 matmuls, float32 accumulation, query chunks of 512, one scatter-add per chunk)."""
   out, lse = sparse_attention_gpu(q, kv, sink, idx, scale=scale)
@@ -275,12 +280,13 @@ def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flo
   flops = 2.5 * fwd_flops
   rows = []
   other = 6 - REDUCE_WIDTH  # the kernel with the other reduction width (2 <-> 4)
-  for label, fn, steps in ((f"bwd (Mosaic GPU kernel, {REDUCE_WIDTH}-wide reductions)", sparse_attention_gpu_bwd, 5),
-                           (f"bwd (kernel, {other}-wide reductions)",
-                            functools.partial(sparse_attention_gpu_bwd, reduce_width=other), 5),
-                           ("bwd (XLA, bf16)", vjp.xla_gpu_bwd, 3)):
+  cases = [(f"bwd (Mosaic GPU kernel, {REDUCE_WIDTH}-wide reductions)", sparse_attention_gpu_bwd, 5),
+           (f"bwd (kernel, {other}-wide reductions)", functools.partial(sparse_attention_gpu_bwd, reduce_width=other),
+            5),
+           ("bwd (XLA, bf16)", vjp.xla_gpu_bwd, 3)]
+  for label, fn, steps in cases if variants else cases[::2]:
     try:
-      t = median_time(jax.jit(functools.partial(fn, scale=scale)), q, kv, idx, dout, lse, delta, steps=steps)
+      t = device_time(jax.jit(functools.partial(fn, scale=scale)), q, kv, idx, dout, lse, delta, steps=steps)
       rows.append(f"| {name} H={H} k={topk} | {S} | {label} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | "
                   f"{flops / t / mm_flops:.1%} | | | | | |")
     except Exception as e:  # noqa: BLE001
@@ -301,7 +307,7 @@ def _bench_indexer(S, mm_flops, H=64, d=128, m=4, topk=512):
   for impl in ("gpu", "reference") if S <= 32768 else ("gpu",):
     try:
       f = jax.jit(functools.partial(pallas_kernels.indexer_topk, topk=topk, implementation=impl))
-      t = median_time(f, q, k, w, end, steps=3)
+      t = device_time(f, q, k, w, end, steps=3)
       picks[impl] = np.asarray(f(q, k, w, end)[0])
       same = f"{np.mean(picks['gpu'] == picks['reference']):.4%}" if len(picks) == 2 else ""
       rows.append(f"| {S} | {impl} | {t * 1e3:.2f} | {flops / t / 1e12:.1f} | {flops / t / mm_flops:.1%} | {same} |")
@@ -331,8 +337,12 @@ def _bench_compress(S, copy_bw):
     f = jax.jit(lambda kv, score, impl=impl: pallas_kernels.compress(
         kv, score, ape, w, end, has_prev, positions, ratio=m, rope_freqs=freqs, implementation=impl))
     try:
-      t = median_time(f, kv, score, steps=20)
+      t = device_time(f, kv, score, steps=20)
       rows.append(f"| {S} | {name} | {t * 1e3:.3f} | {moved / t / 1e9:.0f} | {moved / t / copy_bw:.0%} |")
+      if impl == "gpu":  # the earlier tables' method: each call synced, the host's dispatch and wait included
+        t = median_time(f, kv, score, steps=20)
+        rows.append(f"| {S} | {name}, synced calls | {t * 1e3:.3f} | {moved / t / 1e9:.0f} | "
+                    f"{moved / t / copy_bw:.0%} |")
     except Exception as e:  # noqa: BLE001
       rows.append(f"| {S} | {name} | {type(e).__name__}: {str(e)[:100]} | | |")
   return "\n".join(rows)

@@ -66,3 +66,16 @@ def test_indexer_select_tpu_equals_reference():
   found = np.asarray(ri) >= 0
   np.testing.assert_allclose(np.asarray(tv)[found], np.asarray(rv)[found], rtol=1e-5, atol=1e-5)
   assert np.all(np.isneginf(np.asarray(tv)[~found]))
+
+
+@pytest.mark.parametrize("attention_impl,topk,head_dim,heads,want", [
+    ("gpu", 512, 128, 64, "gpu"),  # V4's indexer shape: the GPU score kernel
+    ("gpu", 4096, 128, 64, "gpu"),  # any top-k: the GPU path selects as the reference does
+    ("gpu", 512, 96, 64, "reference"),  # a head dim the GPU kernel does not take
+    ("gpu", 512, 128, 512, "reference"),  # more heads than it takes
+    ("tpu", 512, 128, 64, "tpu"),
+    ("tpu", 100_000, 128, 64, "reference"),  # past the TPU kernel's top-k
+    ("reference", 512, 128, 64, "reference")])
+def test_indexer_implementation_per_attention_impl(attention_impl, topk, head_dim, heads, want):
+  cfg = dataclasses.replace(ModelConfig.preset("tiny"), attention_impl=attention_impl)
+  assert indexer.implementation(cfg, topk, head_dim, heads) == want

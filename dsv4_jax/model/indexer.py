@@ -15,7 +15,7 @@ import pallas_kernels
 from dsv4_jax.model import kernel_sharding, quant, rope
 from dsv4_jax.model.common import param
 from dsv4_jax.model.compressor import Compressor
-from pallas_kernels.indexer_topk import MAX_TOPK, causal_visible_end
+from pallas_kernels.indexer_topk import MAX_TOPK, causal_visible_end, gpu_supports
 from pallas_kernels.indexer_topk import reference as indexer_topk_reference
 
 _SCORE_BUDGET = 1 << 24  # elements of one chunk's [C, H, N] relu(q·k) tensor
@@ -64,7 +64,7 @@ class Indexer(nnx.Module):
     w_BSH = self.head_weights(x_BSD)
     k = min(cfg.index_topk if topk is None else topk, k_BNC.shape[1])
     return select_topk_with_scores(q_BSHC, k_BNC, w_BSH, layout, ctx.segment_BS, k, offset,
-                                   implementation(cfg, k))
+                                   implementation(cfg, k, q_BSHC.shape[-1], q_BSHC.shape[-2]))
 
 
 def index_scores(q_BCHK, k_BNK, w_BCH):
@@ -72,11 +72,13 @@ def index_scores(q_BCHK, k_BNK, w_BCH):
   return indexer_topk_reference.index_scores(q_BCHK, k_BNK, w_BCH)
 
 
-def implementation(cfg, topk: int) -> str:
-  """The indexer_topk implementation for cfg.attention_impl: the same, except "gpu" (the GPU score kernel has
-  not been run on a GPU yet: pallas_kernels.indexer_topk) and a top-k beyond the TPU kernel's (the dense stage
-  takes every entry), which run the reference."""
-  if cfg.attention_impl == "gpu" or topk > MAX_TOPK:
+def implementation(cfg, topk: int, head_dim: int, heads: int) -> str:
+  """The indexer_topk implementation for cfg.attention_impl: the same, except a top-k beyond the TPU kernel's
+  (the dense stage takes every entry) and a head shape the GPU score kernel does not take, which run the
+  reference."""
+  if cfg.attention_impl == "gpu":
+    return "gpu" if gpu_supports(head_dim, heads) else "reference"
+  if topk > MAX_TOPK:
     return "reference"
   return cfg.attention_impl
 

@@ -28,11 +28,11 @@ def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, impleme
   `causal_visible_end(p, m)`; packed documents pass their first entry as start). Returns (indices [B,S,topk]
   int32, -1 where fewer are visible; scores [B,S,topk] float32 at those indices, -inf where -1). The scores are
   differentiable in q, k and w (no gradient through the selection). "auto" is the TPU kernel on a TPU backend
-  for topk <= MAX_TOPK, else the reference; "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for
-  tests); "gpu" (explicit only, Hopper, D a multiple of 64 up to 256, H <= 256) scores with the Mosaic GPU kernel
-  of gpu.py and selects as the reference does: so far checked by CUDA lowering only, not yet run on a GPU
-  (experiments/check_indexer_topk_gpu.py is its H200 check), so "auto" does not pick it. `query_chunk` sets the
-  queries per chunk (default: a fixed element budget).
+  for topk <= MAX_TOPK, the GPU path on an NVIDIA backend where it takes the head shape, else the reference;
+  "tpu" elsewhere runs the kernel in TPU interpret mode (slow: for tests); "gpu" (Hopper, D a multiple of 64 up
+  to 256, H <= 256) scores with the Mosaic GPU kernel of gpu.py and selects per query chunk as the reference
+  does (H200 check: experiments/check_indexer_topk_gpu.py). `query_chunk` sets the queries per chunk (default:
+  a fixed element budget).
   """
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r}; expected one of {_IMPLEMENTATIONS}")
@@ -61,7 +61,13 @@ def indexer_topk(q, k, w, visible_end, *, topk: int, visible_start=None, impleme
     raise ValueError(f"topk={topk} > {MAX_TOPK} is not supported by the TPU kernel; use implementation='auto' "
                      "or 'reference'")
   if implementation == "auto":
-    implementation = "tpu" if jax.default_backend() == "tpu" and topk <= MAX_TOPK else "reference"
+    backend = jax.default_backend()
+    if backend == "tpu" and topk <= MAX_TOPK:
+      implementation = "tpu"
+    elif backend == "gpu" and gpu_supports(D, H):
+      implementation = "gpu"
+    else:
+      implementation = "reference"
   if topk == 0 or k.shape[1] == 0:
     return jnp.full((B, S, topk), -1, jnp.int32), jnp.full((B, S, topk), -jnp.inf, jnp.float32)
   return indexer_topk_vjp(q, k, w, visible_start.astype(jnp.int32), visible_end.astype(jnp.int32), topk,
