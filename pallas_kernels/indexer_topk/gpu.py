@@ -14,7 +14,8 @@ scored inside a live CTA's tiles, and entries of a stopped CTA are left unwritte
 (`top_visible` selects only visible entries).
 
 Requirements (`supports`): D a multiple of 64 up to 256, H <= 256, B·C <= 65535 rows per call (the chunking
-keeps to it).
+keeps to it). On the H200 (experiments/check_indexer_topk_gpu.py, 2026-11-30): scores within 3.2e-7 of the
+float32 reference, the op's top-512 identical to the reference's; experiments/results/kernels.md times it.
 """
 
 from __future__ import annotations
