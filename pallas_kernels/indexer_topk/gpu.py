@@ -28,7 +28,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.indexer_topk.reference import indexer_topk_reference
+from pallas_kernels.indexer_topk.radix_select import radix_top_visible
+from pallas_kernels.indexer_topk.reference import indexer_topk_reference, top_visible
 from pallas_kernels.paged_index_scores.gpu import (_OUT_KWARG, TILE,  # TILE: entries per WGMMA (its M)
                                                    _round_up, weighted_relu_scores)
 
@@ -37,6 +38,8 @@ COLS = 64  # dims per swizzle atom (128 bytes of bf16)
 MAX_ROWS = 65535  # CUDA's cap on the grid dimension the rows go to
 _SMEM_BYTES = 200 * 1024  # of the 227 KiB a block may use: Mosaic GPU adds its own scratch
 SCORE_BUDGET = 1 << 26  # float32 elements of one chunk's [B, C, N] scores (256 MiB)
+SELECTION = "sort"  # per-chunk top-k: "sort" (lax.top_k) or "radix" (radix_select)
+RADIX_BITS = 4
 
 def supports(d: int, heads: int) -> bool:
   """Whether the kernel takes this head shape (else the reference runs)."""
@@ -124,12 +127,18 @@ def index_scores_gpu(q_BCHD, k_BND, w_BCH, end_BC, *, tiles: int | None = None):
   return out.reshape(B, C, np_)[:, :, :N]
 
 
-def indexer_topk_gpu(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int, query_chunk: int | None = None):
+def indexer_topk_gpu(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int, query_chunk: int | None = None,
+                     selection: str = SELECTION, radix_bits: int = RADIX_BITS):
   """The op with the Mosaic GPU scores: queries in chunks of C (at most SCORE_BUDGET scores and MAX_ROWS rows
-  per chunk), each chunk scored by the kernel and selected by the reference's top_visible."""
+  per chunk), each chunk scored by the kernel and selected by `selection`: "sort" (the reference's
+  top_visible: lax.top_k) or "radix" (radix_select.radix_top_visible, the same result without sorting the
+  chunk; `radix_bits` bits per round)."""
+  if selection not in ("sort", "radix"):
+    raise ValueError(f"selection={selection!r}; expected 'sort' or 'radix'")
   B, S, _, _ = q_BSHD.shape
   N = k_BND.shape[1]
   chunk = query_chunk or max(1, min(S, SCORE_BUDGET // max(1, B * N)))
   chunk = max(1, min(chunk, MAX_ROWS // B))
+  select = top_visible if selection == "sort" else functools.partial(radix_top_visible, bits=radix_bits)
   return indexer_topk_reference(q_BSHD, k_BND, w_BSH, start_BS, end_BS, topk=topk, query_chunk=chunk,
-                                scores=index_scores_gpu)
+                                scores=index_scores_gpu, select=select)

@@ -42,11 +42,12 @@ def default_query_chunk(B, S, H, N, budget: int = SCORE_BUDGET):
 
 
 def indexer_topk_reference(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int, query_chunk: int | None = None,
-                           scores=None):
+                           scores=None, select=top_visible):
   """(indices [B, S, topk] int32, -1 = none; scores [B, S, topk] float32, -inf where -1).
 
   `scores(q_BCHD, k_BND, w_BCH, end_BC) -> I [B, C, N]` replaces `index_scores` for a chunk (the GPU path's
-  kernel; entries a query cannot see may hold anything: they are masked before the selection)."""
+  kernel; entries a query cannot see may hold anything: they are masked before the selection); `select`
+  replaces `top_visible` (with the same result: the GPU path's radix select)."""
   B, S, H, _ = q_BSHD.shape
   N = k_BND.shape[1]
   k = min(topk, N)
@@ -58,7 +59,7 @@ def indexer_topk_reference(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int,
   def chunk(q, w, lo_BC, hi_BC):
     vis_BCN = (n_N >= lo_BC[..., None]) & (n_N < hi_BC[..., None])
     i_BCN = index_scores(q, k_BND, w) if scores is None else scores(q, k_BND, w, hi_BC)
-    return top_visible(i_BCN, vis_BCN, k)
+    return select(i_BCN, vis_BCN, k)
 
   size = query_chunk or default_query_chunk(B, S, H, N)
   if size >= S:
