@@ -6,8 +6,9 @@
    iff s < (t+1)/4): [8192 queries, 8192 entries] (the S = 32K chunk) and [2048, 32768] (S = 128K): whether
    radix select's indices and scores equal top_k's, and the device time of each (radix with 1, 2 and 4 bits a
    round).
-2. The whole op, `indexer_topk(..., implementation="gpu")` with selection "sort" and "radix" (4 bits), at
-   S = 32K and 128K (Flash: H 64, d 128, m 4, top-512): device time and whether the indices are equal.
+2. The whole op, `indexer_topk(..., implementation="gpu")` with selection "sort" and "radix" (gpu.RADIX_BITS
+   bits a round), at S = 8K, 32K and 128K (Flash: H 64, d 128, m 4, top-512): device time and whether the
+   indices are equal.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def main() -> int:
   t0 = time.time()
   selection_alone(8192, 8192, 32768)
   selection_alone(2048, 32768, 131072)
-  for S in (32768, 131072):
+  for S in (8192, 32768, 131072):
     whole_op(S)
   print(f"total {time.time() - t0:.0f} s", flush=True)
   return 0

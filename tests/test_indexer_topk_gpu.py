@@ -34,16 +34,29 @@ def test_score_kernel_lowers_for_cuda(shape):
   assert exported.out_avals[0].shape == (B, C, N)
 
 
-def test_the_op_lowers_for_cuda_in_query_chunks():
-  """The whole GPU path (chunked kernel scores + selection) at a Flash-like chunked shape."""
-  B, S, H, D, N = 1, 4096, 64, 128, 1024
+@pytest.mark.parametrize("N,selection", [(1024, "auto"), (4096, "auto"), (1024, "radix")])
+def test_the_op_lowers_for_cuda_in_query_chunks(N, selection):
+  """The whole GPU path (chunked kernel scores + selection) at a Flash-like chunked shape; "auto" takes
+  lax.top_k below gpu.RADIX_MIN_ENTRIES entries and radix select from there (no sort of the chunk)."""
+  B, S, H, D = 1, 4096, 64, 128
   args = (jax.ShapeDtypeStruct((B, S, H, D), jnp.bfloat16), jax.ShapeDtypeStruct((B, N, D), jnp.bfloat16),
           jax.ShapeDtypeStruct((B, S, H), jnp.float32), jax.ShapeDtypeStruct((B, S), jnp.int32),
           jax.ShapeDtypeStruct((B, S), jnp.int32))
-  fn = jax.jit(lambda q, k, w, lo, hi: gpu.indexer_topk_gpu(q, k, w, lo, hi, topk=512, query_chunk=1024))
+  fn = jax.jit(lambda q, k, w, lo, hi: gpu.indexer_topk_gpu(q, k, w, lo, hi, topk=512, query_chunk=1024,
+                                                            selection=selection))
   exported = jax.export.export(fn, platforms=["cuda"])(*args)
   assert [a.shape for a in exported.out_avals] == [(B, S, 512), (B, S, 512)]
-  assert "mosaic_gpu_v2" in exported.mlir_module()
+  module = exported.mlir_module()
+  assert "mosaic_gpu_v2" in module
+  radix = selection == "radix" or N >= gpu.RADIX_MIN_ENTRIES
+  assert ("mhlo.topk" in module or "chlo.top_k" in module) != radix  # a sort of the chunk only without radix
+
+
+def test_unknown_selection_is_named():
+  q, k, w = _inputs(1, 4, 8, 64, 16)
+  lo = jnp.zeros((1, 4), jnp.int32)
+  with pytest.raises(ValueError, match="selection='heap'"):
+    gpu.indexer_topk_gpu(q, k, w, lo, lo + 4, topk=2, selection="heap")
 
 
 def test_unsupported_head_shape_is_named():

@@ -2,8 +2,8 @@
 
 I[t, s] = Σ_h w[t, h] · relu(q[t, h] · k[s]) for one chunk of queries against every entry, written as [rows, N]
 float32: the reference first writes relu(q·k) for every head ([rows, H, N], H = 64 times the bytes). Per query
-chunk the selection is then the reference's (`top_visible`: lax.top_k over the visible entries), so the
-[S, N] matrix exists only a chunk at a time, as in the reference.
+chunk the selection then gives the reference's `top_visible` result (radix select, or lax.top_k over few
+entries), so the [S, N] matrix exists only a chunk at a time, as in the reference.
 
 One CTA (one warpgroup) per (query row, TILES tiles of 64 entries). It bulk-copies the row's q ([D/64, H, 64]
 bf16, 128-byte swizzled) and w [H], reads the row's visible end, and, unless every one of its entries is past that
@@ -16,6 +16,8 @@ scored inside a live CTA's tiles, and entries of a stopped CTA are left unwritte
 Requirements (`supports`): D a multiple of 64 up to 256, H <= 256, B·C <= 65535 rows per call (the chunking
 keeps to it). On the H200 (experiments/check_indexer_topk_gpu.py, 2026-11-30): scores within 3.2e-7 of the
 float32 reference, the op's top-512 identical to the reference's; experiments/results/kernels.md times it.
+The per-chunk top-k over many entries is radix select (radix_select.py: lax.top_k's result without sorting
+the [C, N] chunk; experiments/bench_indexer_select.py: 2.4 ms a chunk against top_k's 4.7-5.2 on the H200).
 """
 
 from __future__ import annotations
@@ -38,8 +40,10 @@ COLS = 64  # dims per swizzle atom (128 bytes of bf16)
 MAX_ROWS = 65535  # CUDA's cap on the grid dimension the rows go to
 _SMEM_BYTES = 200 * 1024  # of the 227 KiB a block may use: Mosaic GPU adds its own scratch
 SCORE_BUDGET = 1 << 26  # float32 elements of one chunk's [B, C, N] scores (256 MiB)
-SELECTION = "sort"  # per-chunk top-k: "sort" (lax.top_k) or "radix" (radix_select)
-RADIX_BITS = 4
+SELECTION = "auto"  # per-chunk top-k: "radix" (radix_select), "sort" (lax.top_k; equal results) or "auto"
+RADIX_MIN_ENTRIES = 4096  # "auto": radix from this many entries (H200, whole op: N 2048 sort 1.72 ms, radix
+# 1.78; N 8192 30.5 vs 21.1; N 32768 442 vs 303)
+RADIX_BITS = 2  # bits a round: 2 measured fastest on the H200 (1, 2, 4: 3.4, 2.4, 2.9-3.1 ms a chunk)
 
 def supports(d: int, heads: int) -> bool:
   """Whether the kernel takes this head shape (else the reference runs)."""
@@ -131,12 +135,14 @@ def indexer_topk_gpu(q_BSHD, k_BND, w_BSH, start_BS, end_BS, *, topk: int, query
                      selection: str = SELECTION, radix_bits: int = RADIX_BITS):
   """The op with the Mosaic GPU scores: queries in chunks of C (at most SCORE_BUDGET scores and MAX_ROWS rows
   per chunk), each chunk scored by the kernel and selected by `selection`: "sort" (the reference's
-  top_visible: lax.top_k) or "radix" (radix_select.radix_top_visible, the same result without sorting the
-  chunk; `radix_bits` bits per round)."""
-  if selection not in ("sort", "radix"):
-    raise ValueError(f"selection={selection!r}; expected 'sort' or 'radix'")
+  top_visible: lax.top_k), "radix" (radix_select.radix_top_visible, the same result without sorting the
+  chunk; `radix_bits` bits per round) or "auto" (radix from RADIX_MIN_ENTRIES entries, where it is faster)."""
+  if selection not in ("auto", "sort", "radix"):
+    raise ValueError(f"selection={selection!r}; expected 'auto', 'sort' or 'radix'")
   B, S, _, _ = q_BSHD.shape
   N = k_BND.shape[1]
+  if selection == "auto":
+    selection = "radix" if N >= RADIX_MIN_ENTRIES else "sort"
   chunk = query_chunk or max(1, min(S, SCORE_BUDGET // max(1, B * N)))
   chunk = max(1, min(chunk, MAX_ROWS // B))
   select = top_visible if selection == "sort" else functools.partial(radix_top_visible, bits=radix_bits)
