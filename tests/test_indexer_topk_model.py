@@ -79,3 +79,22 @@ def test_indexer_select_tpu_equals_reference():
 def test_indexer_implementation_per_attention_impl(attention_impl, topk, head_dim, heads, want):
   cfg = dataclasses.replace(ModelConfig.preset("tiny"), attention_impl=attention_impl)
   assert indexer.implementation(cfg, topk, head_dim, heads) == want
+
+
+@pytest.mark.parametrize("impl,sized_here", [("reference", True), ("tpu", True), ("gpu", False), ("auto", False)])
+def test_query_chunks_sized_by_the_model_only_for_the_reference_layout(monkeypatch, impl, sized_here):
+  """The model sizes query chunks for the reference's [C, H, N] tensor; the GPU path ("gpu", and "auto" which
+  may resolve to it) gets none and sizes its own [C, N] chunks (else H times more launches)."""
+  seen = []
+
+  def fake(q, k, w, end, *, visible_start, topk, implementation, query_chunk):
+    seen.append(query_chunk)
+    B, S = q.shape[:2]
+    return jnp.zeros((B, S, topk), jnp.int32), jnp.zeros((B, S, topk), jnp.float32)
+
+  monkeypatch.setattr(indexer.pallas_kernels, "indexer_topk", fake)
+  seg = jnp.zeros((1, 64), jnp.int32)
+  layout = context.block_layout(context.document_positions(seg), seg, 4)
+  indexer.select_topk_with_scores(jnp.zeros((1, 64, 8, 16)), jnp.zeros((1, 16, 16)), jnp.zeros((1, 64, 8)),
+                                  layout, seg, 4, offset=0, impl=impl)
+  assert len(seen) == 1 and (seen[0] is not None) == sized_here

@@ -115,14 +115,16 @@ def select_topk_with_scores(q_BSHK, k_BNK, w_BSH, layout, segment_BS, topk: int,
   """(indices as select_topk, the selected entries' index scores [B, S, topk] float32, -inf where -1).
 
   pallas_kernels.indexer_topk with implementation `impl`; the scores are differentiable in q, k and w (the
-  reference scores queries in chunks of at most _SCORE_BUDGET elements).
+  reference scores queries in chunks of at most _SCORE_BUDGET elements; the GPU path chooses its own).
   """
   B, S, H, _ = q_BSHK.shape
   N = k_BNK.shape[1]
   if N == 0 or topk == 0:
     return jnp.full((B, S, 0), -1, jnp.int32), jnp.zeros((B, S, 0), jnp.float32)
   start_BS, end_BS = visible_range(layout, segment_BS)
-  chunk = max(1, min(S, _SCORE_BUDGET // max(1, B * H * N)))
+  # chunks of [C, H, N] relu(q·k) as the reference holds them; the GPU path sizes its own ([C, N] scores: this
+  # sizing would split it into H times more kernel launches and selections)
+  chunk = None if impl in ("gpu", "auto") else max(1, min(S, _SCORE_BUDGET // max(1, B * H * N)))
   kernel = lambda q, k, w, end, start: pallas_kernels.indexer_topk(q, k, w, end, visible_start=start, topk=topk,
                                                                    implementation=impl, query_chunk=chunk)
   idx_BSK, scores_BSK = kernel_sharding.per_shard(  # heads stay whole: the scores sum over them before the top-k
