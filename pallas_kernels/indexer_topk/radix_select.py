@@ -5,13 +5,13 @@ whose order is the float order (invisible entries key 0, below every finite scor
 found `bits` bits at a time from the top, each round counting per row how many keys in the current bucket
 have each next digit or larger (row reductions over the chunk, no sort); then the keys above it and the first
 ties at it (lowest entries first, as top_k breaks ties) are compacted by a running count, and only those k are
-sorted (key descending, entry ascending). Work: 32/bits rounds of 2^bits - 1 counts over [C, N], two running
-counts and one scatter, instead of sorting [C, N].
+sorted (key descending, entry ascending). Work: 32/bits rounds of 2^bits counts over [C, N], two running
+counts and one scatter, instead of sorting [C, N]; 2 bits a round measured fastest on the H200
+(experiments/bench_indexer_select.py).
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -26,7 +26,7 @@ def order_keys(scores, visible):
   return jnp.where(visible, key, _U32(0))
 
 
-def kth_largest(key, k, bits: int = 4):
+def kth_largest(key, k, bits: int = 2):
   """(t, ties): per row the k-th largest key and how many keys equal to it rank within the top k."""
   need = jnp.full(key.shape[:-1], k, jnp.int32)
   prefix = jnp.zeros(key.shape[:-1], _U32)
@@ -46,14 +46,14 @@ def kth_largest(key, k, bits: int = 4):
   return prefix, need
 
 
-def radix_top_visible(scores_BCN, visible_BCN, k: int, bits: int = 4):
+def radix_top_visible(scores_BCN, visible_BCN, k: int, bits: int = 2):
   """As reference.top_visible: (indices [B, C, k] int32 of the k visible entries of highest score, best first,
   ties to the lower index, -1 past the visible ones; their scores, -inf where -1). Needs k <= N."""
   N = scores_BCN.shape[-1]
   if not 0 < k <= N:
     raise ValueError(f"k must be in 1..N={N}, got {k}")
   if bits not in (1, 2, 4, 8):
-    raise ValueError(f"bits must be 1, 2, 4 or 8 (a divisor of 32, 2^bits - 1 counts a round), got {bits}")
+    raise ValueError(f"bits must be 1, 2, 4 or 8 (a divisor of 32; 2^bits counts a round), got {bits}")
   lead = scores_BCN.shape[:-1]
   scores_RN = scores_BCN.reshape(-1, N).astype(jnp.float32)
   visible_RN = visible_BCN.reshape(-1, N)
