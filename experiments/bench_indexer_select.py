@@ -20,10 +20,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from bench_kernels import indexer_inputs  # noqa: E402
 from pallas_kernels.indexer_topk import causal_visible_end, gpu  # noqa: E402
 from pallas_kernels.indexer_topk.radix_select import radix_top_visible  # noqa: E402
 from pallas_kernels.indexer_topk.reference import top_visible  # noqa: E402
@@ -49,12 +49,8 @@ def selection_alone(C, N, S):
   print(f"SELECT [{C} x {N}]: " + " | ".join(row), flush=True)
 
 
-def whole_op(S, H=64, d=128, m=4):
-  kq, kk, kw = jax.random.split(jax.random.key(5), 3)
-  q = jax.random.normal(kq, (1, S, H, d), jnp.bfloat16)
-  k = jax.random.normal(kk, (1, S // m, d), jnp.bfloat16)
-  w = jax.random.normal(kw, (1, S, H), jnp.float32)
-  end = causal_visible_end(jnp.arange(S)[None], m)
+def whole_op(S):
+  q, k, w, end = indexer_inputs(S)
   start = jnp.zeros_like(end)
   row, picks = [], {}
   for selection in ("sort", "radix"):

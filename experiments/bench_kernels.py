@@ -10,8 +10,8 @@ Useful FLOPs count only the keys each query attends: 4·H·D·(window + k) per q
 lse), the Mosaic GPU kernel next to the XLA formulation it replaced. Dense comparisons at the same S: cuDNN causal flash attention
 (H heads, one KV head; D = 512 where cuDNN takes it, else noted) and the dense-mask formulation (all S + S/4 keys
 scored, a mask from the indices: what a port without a gather kernel computes), query-chunked so it fits.
-Indexer top-k (on a GPU): the forward of `indexer_topk` with implementation "gpu" (Mosaic GPU scores + the
-reference's selection) and "reference", with the fraction of indices equal between them.
+Indexer top-k (on a GPU): the forward of `indexer_topk` with implementation "gpu" (Mosaic GPU scores + per-chunk
+radix select, which gives top_k's result) and "reference", with the fraction of indices equal between them.
 Ceilings measured in the same run: bf16 matmul 8192³ and a device-to-device copy. Times are the device's per
 call (timing.device_time: calls under 20 ms dispatched back to back, so the host's ~0.1 ms dispatch-and-wait is
 not counted; longer ones synced), medians of N after a compile-and-warm run; each case stops being measured once
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import math
 import os
 import platform
 import sys
@@ -294,14 +293,30 @@ def _bench_backward(name, H, topk, S, q, kv, sink, idx, scale, fwd_flops, mm_flo
   return rows
 
 
-def _bench_indexer(S, mm_flops, H=64, d=128, m=4, topk=512):
-  """Rows for the indexer's forward: the GPU path (Mosaic GPU scores + the reference's selection) and the
-  reference (at S <= 32K; thousands of chunks at 128K). Useful FLOPs: 2·H·d per visible (query, entry) pair."""
+def indexer_inputs(S, H=64, d=128, m=4):
+  """A Flash indexer's forward inputs at S queries: q [1,S,H,d] bf16, k [1,S/m,d] bf16, w [1,S,H] float32 and
+  the causal visible end [1,S] (entries complete by each position)."""
   kq, kk, kw = jax.random.split(jax.random.key(5), 3)
-  q = jax.random.normal(kq, (1, S, H, d), jnp.bfloat16)
-  k = jax.random.normal(kk, (1, S // m, d), jnp.bfloat16)
-  w = jax.random.normal(kw, (1, S, H), jnp.float32)
-  end = causal_visible_end(jnp.arange(S)[None], m)
+  return (jax.random.normal(kq, (1, S, H, d), jnp.bfloat16), jax.random.normal(kk, (1, S // m, d), jnp.bfloat16),
+          jax.random.normal(kw, (1, S, H), jnp.float32), causal_visible_end(jnp.arange(S)[None], m))
+
+
+def compress_inputs(S, c=512, m=4):
+  """A Flash CSA compression's inputs at S rows (c 512, m 4, the 2c-channel overlap): kv bf16, score float32,
+  ape, norm weight, the block slots (end, has_prev, positions) of one document, and the rope frequencies."""
+  k = jax.random.split(jax.random.key(1), 3)
+  kv = jax.random.normal(k[0], (1, S, 2 * c), jnp.bfloat16)
+  score = jax.random.normal(k[1], (1, S, 2 * c), jnp.float32)
+  end, has_prev, positions = block_slots(jnp.arange(S, dtype=jnp.int32)[None], jnp.zeros((1, S), jnp.int32), m)
+  freqs = 1.0 / (10000 ** (np.arange(32) / 32))
+  return kv, score, jnp.zeros((m, 2 * c), jnp.float32), jnp.ones((c,), jnp.float32), end, has_prev, positions, freqs
+
+
+def _bench_indexer(S, mm_flops, H=64, d=128, m=4, topk=512):
+  """Rows for the indexer's forward: the GPU path (Mosaic GPU scores + per-chunk radix select, top_k's result)
+  and the reference (at S <= 32K; thousands of chunks at 128K). Useful FLOPs: 2·H·d per visible (query, entry)
+  pair."""
+  q, k, w, end = indexer_inputs(S, H, d, m)
   flops = 2 * H * d * float(jnp.sum(end))
   rows, picks = [], {}
   for impl in ("gpu", "reference") if S <= 32768 else ("gpu",):
@@ -318,16 +333,7 @@ def _bench_indexer(S, mm_flops, H=64, d=128, m=4, topk=512):
 
 def _bench_compress(S, copy_bw):
   c, m = 512, 4
-  C = 2 * c
-  k = jax.random.split(jax.random.key(1), 3)
-  kv = jax.random.normal(k[0], (1, S, C), jnp.bfloat16)
-  score = jax.random.normal(k[1], (1, S, C), jnp.float32)
-  ape = jnp.zeros((m, C), jnp.float32)
-  w = jnp.ones((c,), jnp.float32)
-  pos = jnp.arange(S, dtype=jnp.int32)[None]
-  seg = jnp.zeros((1, S), jnp.int32)
-  end, has_prev, positions = block_slots(pos, seg, m)
-  freqs = 1.0 / (10000 ** (np.arange(32) / 32))
+  kv, score, ape, w, end, has_prev, positions, freqs = compress_inputs(S, c, m)
   moved = kv.size * 2 + score.size * 4 + (S // m) * c * 2
   rows = []
   impls = [("reference", "reference (XLA)")]

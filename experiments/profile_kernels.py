@@ -20,15 +20,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from bench_kernels import csa_inputs  # noqa: E402
-from pallas_kernels.compress import block_slots  # noqa: E402
+from bench_kernels import compress_inputs, csa_inputs, indexer_inputs  # noqa: E402
 from pallas_kernels.compress.gpu import compress_gpu  # noqa: E402
 from pallas_kernels.compress.reference import Spec  # noqa: E402
-from pallas_kernels.indexer_topk import causal_visible_end, gpu as indexer_gpu  # noqa: E402
+from pallas_kernels.indexer_topk import gpu as indexer_gpu  # noqa: E402
 from pallas_kernels.sparse_attention.gpu import sparse_attention_gpu  # noqa: E402
 from pallas_kernels.sparse_attention.gpu_bwd import sparse_attention_gpu_bwd  # noqa: E402
 
@@ -52,28 +50,16 @@ def case_bwd(S):
 
 
 def case_compress(S):
-  c, m = 512, 4
-  k = jax.random.split(jax.random.key(1), 2)
-  kv = jax.random.normal(k[0], (1, S, 2 * c), jnp.bfloat16)
-  score = jax.random.normal(k[1], (1, S, 2 * c), jnp.float32)
-  pos = jnp.arange(S, dtype=jnp.int32)[None]
-  end, has_prev, positions = block_slots(pos, jnp.zeros((1, S), jnp.int32), m)
-  spec = Spec(ratio=m, overlap=True, rope_freqs=tuple(1.0 / (10000 ** (np.arange(32) / 32))),
-                      eps=1e-6, out_dtype="bfloat16")
-  ape, w = jnp.zeros((m, 2 * c), jnp.float32), jnp.ones((c,), jnp.float32)
+  kv, score, ape, w, end, has_prev, positions, freqs = compress_inputs(S)
+  spec = Spec(ratio=4, overlap=True, rope_freqs=tuple(freqs), eps=1e-6, out_dtype="bfloat16")
   f = jax.jit(lambda kv, score: compress_gpu(kv, score, ape, w, end, has_prev, positions, spec))
   return f, (kv, score)
 
 
-def case_indexer(S, H=64, d=128, m=4):
-  kq, kk, kw = jax.random.split(jax.random.key(5), 3)
-  n = S // m
-  chunk = min(S, indexer_gpu.SCORE_BUDGET // n, indexer_gpu.MAX_ROWS)
-  q = jax.random.normal(kq, (1, chunk, H, d), jnp.bfloat16)
-  k = jax.random.normal(kk, (1, n, d), jnp.bfloat16)
-  w = jax.random.normal(kw, (1, chunk, H), jnp.float32)
-  end = causal_visible_end(jnp.arange(S - chunk, S)[None], m)
-  return jax.jit(indexer_gpu.index_scores_gpu), (q, k, w, end)
+def case_indexer(S, m=4):
+  q, k, w, end = indexer_inputs(S, m=m)
+  chunk = min(S, indexer_gpu.SCORE_BUDGET // (S // m), indexer_gpu.MAX_ROWS)  # the op's last query chunk
+  return jax.jit(indexer_gpu.index_scores_gpu), (q[:, -chunk:], k, w[:, -chunk:], end[:, -chunk:])
 
 
 CASES = {"fwd": (case_fwd, 1), "bwd": (case_bwd, 1), "compress": (case_compress, 4), "indexer": (case_indexer, 4)}

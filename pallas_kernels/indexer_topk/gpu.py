@@ -45,6 +45,7 @@ RADIX_MIN_ENTRIES = 4096  # "auto": radix from this many entries (H200, whole op
 # 1.78; N 8192 30.5 vs 21.1; N 32768 442 vs 303)
 RADIX_BITS = 2  # bits a round: 2 measured fastest on the H200 (1, 2, 4: 3.4, 2.4, 2.9-3.1 ms a chunk)
 
+
 def supports(d: int, heads: int) -> bool:
   """Whether the kernel takes this head shape (else the reference runs)."""
   return d % COLS == 0 and 0 < d <= 256 and 0 < heads <= 256

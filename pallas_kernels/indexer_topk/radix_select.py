@@ -35,13 +35,11 @@ def kth_largest(key, k, bits: int = 2):
     high = _U32((0xFFFFFFFF << (shift + bits)) & 0xFFFFFFFF) if shift + bits < 32 else _U32(0)
     in_bucket = (key & high) == prefix[..., None]
     digit = (key >> shift) & _U32(levels - 1)
-    # at_least[v]: keys in the bucket whose digit is >= v (v = 0 .. levels-1), non-increasing in v
-    at_least = jnp.stack([jnp.sum(in_bucket & (digit >= v), axis=-1, dtype=jnp.int32) for v in range(levels)],
-                         axis=-1)
+    # at_least[v]: keys in the bucket whose digit is >= v (v = 0 .. levels; none at levels), non-increasing in v
+    at_least = jnp.stack([jnp.sum(in_bucket & (digit >= v), axis=-1, dtype=jnp.int32) for v in range(levels)]
+                         + [jnp.zeros_like(need)], axis=-1)
     v = jnp.sum(at_least >= need[..., None], axis=-1, dtype=jnp.int32) - 1  # the largest v with enough keys
-    above = jnp.where(v + 1 < levels,
-                      jnp.take_along_axis(at_least, jnp.minimum(v + 1, levels - 1)[..., None], -1)[..., 0], 0)
-    need = need - above
+    need = need - jnp.take_along_axis(at_least, (v + 1)[..., None], -1)[..., 0]  # less the keys above digit v
     prefix = prefix | (v.astype(_U32) << shift)
   return prefix, need
 
